@@ -1,0 +1,78 @@
+"""Backward of the fused expert forward in PyTorch (fp32 math, one expert at a time).
+
+Recomputes gate/up/SwiGLU from the saved X instead of saving the (T*K, 2I) pre-activations: the
+forward never materialises them, and recompute costs one extra gate/up GEMM. Deterministic:
+per-slot dX rows are summed over the K slots in a fixed order, without index_add.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels.launch import ExpertWeights
+
+
+def _mlp_backward(x, w_gate, w_up, w_down, grad_y, row_weight):
+    """One MLP's gradients for rows x (n, H) and output gradient grad_y (n, H), all fp32.
+
+    Returns (dx, d_gate, d_up, d_down, d_row_weight) where the MLP's output was row_weight * y."""
+    g, u = x @ w_gate.T, x @ w_up.T
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    a = silu * u
+    dy = grad_y * row_weight[:, None]
+    d_row_weight = (grad_y * (a @ w_down.T)).sum(-1)
+    da = dy @ w_down
+    dg = da * u * (sig * (1 + g * (1 - sig)))  # d silu(g) / dg = sig * (1 + g * (1 - sig))
+    du = da * silu
+    dx = dg @ w_gate + du @ w_up
+    return dx, dg.T @ x, du.T @ x, dy.T @ a, d_row_weight
+
+
+def experts_backward(
+    grad_out: torch.Tensor,  # (T, H)
+    x: torch.Tensor,  # (T, H)
+    topk_weights: torch.Tensor,  # (T, K)
+    sorted_slot: torch.Tensor,  # (T*K,) int32 from the forward's routing metadata
+    expert_offsets: torch.Tensor,  # (E+1,) int32
+    weights: ExpertWeights,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of (x, topk_weights, gate_up_proj, down_proj, shared_gate, shared_up, shared_down)."""
+    T, K = topk_weights.shape
+    I = weights.intermediate_dim
+    f32 = torch.float32
+    grad = grad_out.to(f32)
+    xf = x.to(f32)
+    flat_weights = topk_weights.reshape(-1).to(f32)
+    dx_slot = torch.zeros(T * K, x.shape[1], dtype=f32, device=x.device)
+    d_topk = torch.zeros(T * K, dtype=f32, device=x.device)
+    d_gate_up = torch.zeros_like(weights.gate_up_proj, dtype=f32)
+    d_down = torch.zeros_like(weights.down_proj, dtype=f32)
+    slots = sorted_slot.long()
+    offsets = expert_offsets.tolist()  # host sync: acceptable in this reference-speed backward
+    for expert in range(weights.num_experts):
+        lo, hi = offsets[expert], offsets[expert + 1]
+        if lo == hi:
+            continue
+        slot = slots[lo:hi]
+        token = slot // K
+        w = weights.gate_up_proj[expert].to(f32)
+        dx, d_gate_up[expert, :I], d_gate_up[expert, I:], d_down[expert], d_topk[slot] = _mlp_backward(
+            xf[token], w[:I], w[I:], weights.down_proj[expert].to(f32), grad[token], flat_weights[slot]
+        )
+        dx_slot[slot] = dx
+    dx = dx_slot.view(T, K, -1).sum(1)
+    shared_grads = (None, None, None)
+    if weights.has_shared:
+        ones = torch.ones(T, dtype=f32, device=x.device)
+        sw = (weights.shared_gate, weights.shared_up, weights.shared_down)
+        dx_shared, *shared_grads, _ = _mlp_backward(xf, *(w.to(f32) for w in sw), grad, ones)
+        dx += dx_shared
+        shared_grads = tuple(g.to(w.dtype) for g, w in zip(shared_grads, sw))
+    return (
+        dx.to(x.dtype),
+        d_topk.view(T, K).to(topk_weights.dtype),
+        d_gate_up.to(weights.gate_up_proj.dtype),
+        d_down.to(weights.down_proj.dtype),
+        *shared_grads,
+    )

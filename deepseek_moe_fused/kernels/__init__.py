@@ -1,0 +1,1 @@
+"""Triton kernels of the expert forward. Private: use `deepseek_moe_fused.fused_moe`."""

@@ -1,0 +1,128 @@
+"""Stage 1: routed and shared gate/up projections with SwiGLU, one launch over the same X."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _swiglu_tile(
+    x_ptr,  # (T, H) activations
+    x_rows,  # (BLOCK_M,) int64: row of X each tile row reads
+    row_mask,  # (BLOCK_M,) bool: tile rows that exist
+    gate_ptr,  # (n_cols, H) this program's gate weight rows
+    up_ptr,  # (n_cols, H) this program's up weight rows
+    h_ptr,  # (rows, n_cols) output activations
+    h_rows,  # (BLOCK_M,) int64: row of h each tile row writes
+    n_cols,
+    H,
+    stride_xt,
+    stride_wn,
+    stride_hm,
+    pid_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """h[h_rows, n-tile] = silu(X[x_rows] @ gate^T) * (X[x_rows] @ up^T), fp32 accumulate."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = offs_n < n_cols
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + x_rows[:, None] * stride_xt + offs_k[None, :]
+    w_offs = offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_mask = offs_k < H - k0
+        # One X tile feeds both the gate and the up dot.
+        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        w_gate = tl.load(gate_ptr + w_offs, mask=w_mask, other=0.0)
+        w_up = tl.load(up_ptr + w_offs, mask=w_mask, other=0.0)
+        if UPCAST:  # the interpreter cannot multiply bf16
+            x = x.to(tl.float32)
+            w_gate = w_gate.to(tl.float32)
+            w_up = w_up.to(tl.float32)
+        acc_gate = tl.dot(x, w_gate, acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_offs += BLOCK_K
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    h_ptrs = h_ptr + h_rows[:, None] * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _gate_up_swiglu_kernel(
+    x_ptr,  # (T, H) activations, any float dtype
+    w_gate_ptr,  # (E, I, H) view: gate rows [0, I) of the routed gate_up weight (E, 2I, H)
+    w_up_ptr,  # (E, I, H) view: up rows [I, 2I) of the same weight
+    w_shared_gate_ptr,  # (S, H) shared experts' gate (unread when SHARED is off)
+    w_shared_up_ptr,  # (S, H) shared experts' up
+    h_routed_ptr,  # (T*K, I) out: routed activations, expert-sorted rows
+    h_shared_ptr,  # (T, S) out: shared activations
+    sorted_slot_ptr,  # (T*K,) int32: slot (token*K + k) of each sorted row
+    tile_expert_ptr,  # (max_tiles,) int32: expert of each routed tile, < 0 past the last
+    tile_row_start_ptr,  # (max_tiles,) int32: first sorted row of each tile
+    expert_offsets_ptr,  # (E+1,) int32: first sorted row of each expert
+    T,
+    H,
+    I,
+    S,
+    top_k,
+    max_tiles,
+    stride_xt,
+    stride_we,
+    stride_wn,
+    stride_sn,
+    stride_hr,
+    stride_hs,
+    ROUTED: tl.constexpr,
+    SHARED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (max_tiles * cdiv(I, BLOCK_N) [if ROUTED] + cdiv(T, BLOCK_M) * cdiv(S, BLOCK_N) [if SHARED],).
+
+    Programs [0, routed) own one (routed tile, I column tile) each: up to BLOCK_M rows of one
+    expert. The rest own one (token tile, S column tile) of the shared MLP. Both kinds read the same
+    X in the same launch, so X tiles loaded by the routed programs are still in L2 for the shared ones.
+    """
+    pid = tl.program_id(0)
+    n_tiles_i = tl.cdiv(I, BLOCK_N)
+    num_routed = max_tiles * n_tiles_i if ROUTED else 0
+    offs_m = tl.arange(0, BLOCK_M)
+    if pid < num_routed:
+        tile = pid // n_tiles_i
+        expert = tl.load(tile_expert_ptr + tile)
+        if expert >= 0:
+            row_start = tl.load(tile_row_start_ptr + tile)
+            row_end = tl.load(expert_offsets_ptr + expert + 1)
+            rows = row_start + offs_m
+            row_mask = rows < row_end
+            slots = tl.load(sorted_slot_ptr + rows, mask=row_mask, other=0)
+            expert_offset = expert.to(tl.int64) * stride_we
+            _swiglu_tile(
+                x_ptr, (slots // top_k).to(tl.int64), row_mask,
+                w_gate_ptr + expert_offset, w_up_ptr + expert_offset,
+                h_routed_ptr, rows.to(tl.int64),
+                I, H, stride_xt, stride_wn, stride_hr, pid % n_tiles_i,
+                BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+            )  # fmt: skip
+    elif SHARED:
+        local = pid - num_routed
+        n_tiles_s = tl.cdiv(S, BLOCK_N)
+        tokens = (local // n_tiles_s) * BLOCK_M + offs_m
+        token_mask = tokens < T
+        tokens = tokens.to(tl.int64)
+        _swiglu_tile(
+            x_ptr, tokens, token_mask,
+            w_shared_gate_ptr, w_shared_up_ptr,
+            h_shared_ptr, tokens,
+            S, H, stride_xt, stride_sn, stride_hs, local % n_tiles_s,
+            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+        )  # fmt: skip

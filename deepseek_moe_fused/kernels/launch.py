@@ -1,0 +1,234 @@
+"""Launchers for the expert kernels: checks, tile choice, output allocation, grids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .._checks import FLOAT_DTYPES, check_tensor
+from .._interpret import interpreter_active
+from ..routing_metadata import RoutingMetadata, build_routing_metadata
+from . import _tiles
+from ._combine import _combine_kernel
+from ._down import _down_kernel
+from ._gate_up import _gate_up_swiglu_kernel
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """The weights of one MoE block's experts, in transformers' layouts."""
+
+    gate_up_proj: torch.Tensor  # (E, 2I, H): gate rows then up rows of each routed expert
+    down_proj: torch.Tensor | None  # (E, H, I); None when only stage 1 runs
+    shared_gate: torch.Tensor | None = None  # (S, H) shared MLP gate_proj.weight; None = no shared
+    shared_up: torch.Tensor | None = None  # (S, H)
+    shared_down: torch.Tensor | None = None  # (H, S)
+
+    @property
+    def has_shared(self) -> bool:
+        return self.shared_gate is not None
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.gate_up_proj.shape[2]
+
+    @property
+    def intermediate_dim(self) -> int:
+        return self.gate_up_proj.shape[1] // 2
+
+    @property
+    def shared_dim(self) -> int:
+        return self.shared_gate.shape[0] if self.has_shared else 0
+
+    def check(self, x: torch.Tensor) -> None:
+        """Shapes, dtypes (all equal to x's) and device of every weight."""
+        E, H, device = self.num_experts, x.shape[-1], x.device
+        common = dict(dtypes=(x.dtype,), device=device, contiguous_last=True)
+        check_tensor("gate_up_proj", self.gate_up_proj, ndim=3, **common)
+        if self.gate_up_proj.shape[1] % 2 or self.gate_up_proj.shape[2] != H:
+            raise ValueError(f"gate_up_proj must have shape (E, 2I, {H}), got {tuple(self.gate_up_proj.shape)}")
+        I = self.intermediate_dim
+        with_down = self.down_proj is not None
+        if with_down:
+            check_tensor("down_proj", self.down_proj, shape=(E, H, I), **common)
+        shared = {"shared_gate": self.shared_gate, "shared_up": self.shared_up}
+        if with_down:
+            shared["shared_down"] = self.shared_down
+        given = [name for name, w in shared.items() if w is not None]
+        if given and len(given) != len(shared):
+            raise ValueError(f"{', '.join(shared)} must be given together or not at all (got only {given})")
+        if self.has_shared:
+            check_tensor("shared_gate", self.shared_gate, ndim=2, **common)
+            S = self.shared_gate.shape[0]
+            check_tensor("shared_gate", self.shared_gate, shape=(S, H))
+            check_tensor("shared_up", self.shared_up, shape=(S, H), **common)
+            if with_down:
+                check_tensor("shared_down", self.shared_down, shape=(H, S), **common)
+
+
+def check_routing(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, validate_ids: bool
+) -> None:
+    T = x.shape[0]
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64), device=x.device)
+    K = topk_ids.shape[1]
+    if topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids must have shape ({T}, K), got {tuple(topk_ids.shape)}")
+    if K > num_experts:
+        raise ValueError(f"topk_ids has top_k={K} columns but there are only {num_experts} experts")
+    check_tensor("topk_weights", topk_weights, shape=(T, K), dtypes=FLOAT_DTYPES, device=x.device)
+    # Reading the ids back is a host sync: the fused layer, whose router cannot produce bad ids,
+    # skips it; direct callers of the low-level ops get the check by default.
+    if validate_ids and topk_ids.numel():
+        low, high = int(topk_ids.min()), int(topk_ids.max())
+        if low < 0 or high >= num_experts:
+            raise ValueError(f"topk_ids must lie in [0, {num_experts}), got values in [{low}, {high}]")
+
+
+def _kernel_flags(dtype: torch.dtype) -> dict:
+    interpret = interpreter_active()
+    return dict(
+        UPCAST=interpret and dtype == torch.bfloat16,
+        # fp32 inputs get true fp32 products; 16-bit inputs are exact in any tensor-core mode.
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+
+
+def routing_metadata_for(topk_ids: torch.Tensor, num_experts: int) -> RoutingMetadata:
+    """Metadata cut for the tile height the kernels will pick for this batch."""
+    block_m = _tiles.choose_block_m(topk_ids.numel(), num_experts, interpreter_active())
+    return build_routing_metadata(topk_ids, num_experts, block_m)
+
+
+def gate_up_swiglu(
+    x: torch.Tensor,  # (T, H)
+    weights: ExpertWeights,
+    metadata: RoutingMetadata,
+    *,
+    routed: bool = True,
+    shared: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stage 1: ``h_routed`` (T*K, I) in expert-sorted row order and ``h_shared`` (T, S).
+
+    h = silu(x @ gate^T) * (x @ up^T). With both `routed` and `shared` (the default) it is one
+    launch; the flags let a benchmark time the unfused ablation with the same kernel.
+    """
+    T, H = x.shape
+    I, S = weights.intermediate_dim, weights.shared_dim
+    shared = shared and weights.has_shared
+    h_routed = x.new_empty((metadata.num_rows, I))
+    h_shared = x.new_empty((T, S)) if weights.has_shared else None
+    tiles = _tiles.gate_up_tiles(metadata.block_m, H, max(I, S), interpreter_active())
+    bm, bn = tiles.block_m, tiles.block_n
+    num_programs = (metadata.max_tiles * triton.cdiv(I, bn) if routed else 0) + (
+        triton.cdiv(T, bm) * triton.cdiv(S, bn) if shared else 0
+    )
+    if num_programs == 0:
+        return h_routed, h_shared
+    gate, up = weights.gate_up_proj[:, :I], weights.gate_up_proj[:, I:]
+    shared_gate = weights.shared_gate if shared else gate
+    shared_up = weights.shared_up if shared else up
+    _gate_up_swiglu_kernel[(num_programs,)](
+        x, gate, up, shared_gate, shared_up,
+        h_routed, h_shared if shared else h_routed,
+        metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
+        T, H, I, S, metadata.top_k, metadata.max_tiles,
+        x.stride(0), gate.stride(0), gate.stride(1), shared_gate.stride(0),
+        h_routed.stride(0), h_shared.stride(0) if shared else 0,
+        ROUTED=routed, SHARED=shared,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **_kernel_flags(x.dtype),
+    )  # fmt: skip
+    return h_routed, h_shared
+
+
+def down_proj(
+    h_routed: torch.Tensor,  # (T*K, I) expert-sorted rows
+    h_shared: torch.Tensor | None,  # (T, S)
+    topk_weights: torch.Tensor,  # (T, K)
+    weights: ExpertWeights,
+    metadata: RoutingMetadata,
+    *,
+    routed: bool = True,
+    shared: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stage 2: ``y_routed`` (T, K, H), each slot's expert output times its routing weight, and
+    ``y_shared`` (T, H)."""
+    T, K = topk_weights.shape
+    H, I, S = weights.hidden_dim, weights.intermediate_dim, weights.shared_dim
+    shared = shared and weights.has_shared
+    y_routed = h_routed.new_empty((T, K, H))
+    y_shared = h_routed.new_empty((T, H)) if weights.has_shared else None
+    tiles = _tiles.down_tiles(metadata.block_m, H, max(I, S), interpreter_active())
+    bm, bn = tiles.block_m, tiles.block_n
+    n_tiles_h = triton.cdiv(H, bn)
+    num_programs = (metadata.max_tiles * n_tiles_h if routed else 0) + (
+        triton.cdiv(T, bm) * n_tiles_h if shared else 0
+    )
+    if num_programs == 0:
+        return y_routed, y_shared
+    shared_down = weights.shared_down if shared else weights.down_proj
+    h_shared_arg = h_shared if shared else h_routed
+    y_shared_arg = y_shared if shared else y_routed
+    _down_kernel[(num_programs,)](
+        h_routed, h_shared_arg, weights.down_proj, shared_down,
+        topk_weights.contiguous(), y_routed, y_shared_arg,
+        metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
+        T, H, I, S, metadata.max_tiles,
+        h_routed.stride(0), h_shared_arg.stride(0),
+        weights.down_proj.stride(0), weights.down_proj.stride(1), shared_down.stride(0),
+        H, y_shared_arg.stride(0),
+        ROUTED=routed, SHARED=shared,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **_kernel_flags(h_routed.dtype),
+    )  # fmt: skip
+    return y_routed, y_shared
+
+
+def combine(y_routed: torch.Tensor, y_shared: torch.Tensor | None) -> torch.Tensor:
+    """Stage 3: out (T, H) = sum over k of y_routed[:, k] + y_shared, summed in a fixed order."""
+    T, K, H = y_routed.shape
+    out = y_routed.new_empty((T, H))
+    if T == 0:
+        return out
+    block_h = _tiles.combine_block_h(H)
+    has_shared = y_shared is not None
+    y_shared_arg = y_shared if has_shared else out
+    _combine_kernel[(T, triton.cdiv(H, block_h))](
+        y_routed, y_shared_arg, out,
+        H, y_routed.stride(0), y_routed.stride(1), y_shared_arg.stride(0), out.stride(0),
+        TOP_K=K, SHARED=has_shared, BLOCK_H=block_h,
+    )  # fmt: skip
+    return out
+
+
+def moe_experts_forward(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    weights: ExpertWeights,
+    metadata: RoutingMetadata | None = None,
+    *,
+    fuse_shared: bool = True,
+) -> torch.Tensor:
+    """Unchecked three-stage expert forward (callers validate). `fuse_shared=False` launches the
+    shared MLP separately from the routed experts: the ablation that shows what fusing buys."""
+    if metadata is None:
+        metadata = routing_metadata_for(topk_ids, weights.num_experts)
+    if fuse_shared or not weights.has_shared:
+        h_routed, h_shared = gate_up_swiglu(x, weights, metadata)
+        y_routed, y_shared = down_proj(h_routed, h_shared, topk_weights, weights, metadata)
+    else:
+        h_routed, _ = gate_up_swiglu(x, weights, metadata, shared=False)
+        _, h_shared = gate_up_swiglu(x, weights, metadata, routed=False)
+        y_routed, _ = down_proj(h_routed, h_shared, topk_weights, weights, metadata, shared=False)
+        _, y_shared = down_proj(h_routed, h_shared, topk_weights, weights, metadata, routed=False)
+    return combine(y_routed, y_shared)

@@ -1,0 +1,137 @@
+"""`DeepSeekMoELayer`: router + routed experts + shared MLP, with the expert math in Triton."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._backward_torch import experts_backward
+from ._checks import check_tensor
+from ._interpret import interpreter_active
+from .config import MoEConfig
+from .kernels.launch import ExpertWeights, moe_experts_forward, routing_metadata_for
+from .router import DeepSeekRouter
+
+
+class FusedMoEExpertsFunction(torch.autograd.Function):
+    """Autograd boundary around the three expert kernels; the router stays in plain autograd, so
+    the gradient reaches the router weight through `topk_weights`."""
+
+    @staticmethod
+    def forward(ctx, x, topk_weights, topk_ids, gate_up_proj, down_proj, shared_gate, shared_up, shared_down):
+        weights = ExpertWeights(gate_up_proj, down_proj, shared_gate, shared_up, shared_down)
+        metadata = routing_metadata_for(topk_ids, weights.num_experts)
+        out = moe_experts_forward(x, topk_weights, topk_ids, weights, metadata)
+        ctx.save_for_backward(
+            x, topk_weights, metadata.sorted_slot, metadata.expert_offsets,
+            gate_up_proj, down_proj, shared_gate, shared_up, shared_down,
+        )  # fmt: skip
+        ctx.mark_non_differentiable(topk_ids)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, topk_weights, sorted_slot, expert_offsets, *weight_tensors = ctx.saved_tensors
+        grads = experts_backward(
+            grad_out, x, topk_weights, sorted_slot, expert_offsets, ExpertWeights(*weight_tensors)
+        )
+        dx, d_topk, *d_weights = grads
+        return (dx, d_topk, None, *d_weights)
+
+
+class RoutedExperts(nn.Module):
+    """``experts``: all routed experts' weights as two 3-D parameters (transformers' layout)."""
+
+    def __init__(self, config: MoEConfig, device=None, dtype=None):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_dim, config.intermediate_dim
+        factory = {"device": device, "dtype": dtype or config.dtype}
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, **factory))  # gate rows, then up rows
+        self.down_proj = nn.Parameter(torch.empty(E, H, I, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        for weight in (self.gate_up_proj, self.down_proj):
+            bound = 1 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+
+
+class SharedExpertMLP(nn.Module):
+    """``shared_experts``: the shared experts fused into one SwiGLU MLP of width S = I * n_shared."""
+
+    def __init__(self, config: MoEConfig, device=None, dtype=None):
+        super().__init__()
+        H, S = config.hidden_dim, config.shared_intermediate_dim
+        factory = {"bias": False, "device": device, "dtype": dtype or config.dtype}
+        self.gate_proj = nn.Linear(H, S, **factory)
+        self.up_proj = nn.Linear(H, S, **factory)
+        self.down_proj = nn.Linear(S, H, **factory)
+
+
+class DeepSeekMoELayer(nn.Module):
+    """A DeepSeek MoE block equal to transformers' ``DeepseekV3MoE`` / ``DeepseekV2Moe``.
+
+    Parameter names match transformers (``gate.weight``, ``gate.e_score_correction_bias``,
+    ``experts.gate_up_proj``, ``experts.down_proj``, ``shared_experts.{gate,up,down}_proj.weight``),
+    so their state_dict loads directly. The forward makes no host synchronisation.
+    """
+
+    def __init__(self, config: MoEConfig, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.gate = DeepSeekRouter(config, device=device, dtype=dtype)
+        self.experts = RoutedExperts(config, device=device, dtype=dtype)
+        self.shared_experts = SharedExpertMLP(config, device, dtype) if config.n_shared_experts else None
+
+    def expert_weights(self) -> ExpertWeights:
+        shared = self.shared_experts
+        return ExpertWeights(
+            self.experts.gate_up_proj,
+            self.experts.down_proj,
+            *(
+                (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+                if shared is not None
+                else (None, None, None)
+            ),
+        )
+
+    def forward(self, x: torch.Tensor, return_router_logits: bool = False):
+        """x (..., H) -> out (..., H) in x's dtype; with `return_router_logits`, also (T, E) fp32 logits."""
+        weights = self.expert_weights()
+        param = weights.gate_up_proj
+        check_tensor("x", x, dtypes=(param.dtype,))
+        if x.dim() < 1 or x.shape[-1] != self.config.hidden_dim:
+            raise ValueError(f"x must have shape (..., {self.config.hidden_dim}), got {tuple(x.shape)}")
+        if x.device != param.device:
+            raise ValueError(f"x is on {x.device} but the layer's parameters are on {param.device}")
+        if x.device.type == "cpu" and not interpreter_active():
+            raise ValueError(
+                "x is on the CPU: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set "
+                "before triton is imported to run them in the interpreter"
+            )
+        orig_shape = x.shape
+        x2d = x.reshape(-1, self.config.hidden_dim)
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        router_logits, topk_weights, topk_ids = self.gate(x2d)
+        if x2d.shape[0] == 0:
+            out = x2d.new_zeros(x2d.shape)
+        else:
+            out = FusedMoEExpertsFunction.apply(
+                x2d, topk_weights, topk_ids, weights.gate_up_proj, weights.down_proj,
+                weights.shared_gate, weights.shared_up, weights.shared_down,
+            )  # fmt: skip
+        out = out.view(orig_shape)
+        return (out, router_logits) if return_router_logits else out
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"H={c.hidden_dim}, I={c.intermediate_dim}, E={c.num_experts}, top_k={c.top_k}, "
+            f"shared={c.n_shared_experts}, scoring={c.scoring_func}/{c.topk_method}"
+        )

@@ -1,0 +1,123 @@
+"""Independent references: the seed's naive per-expert loop, a float64 oracle, and a torch twin
+of the routing metadata. None of them shares code with the kernels or their launchers.
+
+Shape legend: T=tokens, E=experts, K=top_k, H=hidden, I=intermediate, S=shared intermediate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import MoEConfig
+from .routing_metadata import PAD_EXPERT, RoutingMetadata
+
+
+def _mlp(x, gate, up, down):
+    """down(silu(gate(x)) * up(x)) with torch Linear layouts: gate/up (I, H), down (H, I)."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def naive_moe_experts(
+    x: torch.Tensor,  # (T, H)
+    topk_weights: torch.Tensor,  # (T, K)
+    topk_ids: torch.Tensor,  # (T, K)
+    gate_up_proj: torch.Tensor,  # (E, 2I, H)
+    down_proj: torch.Tensor,  # (E, H, I)
+    shared_gate: torch.Tensor | None = None,  # (S, H)
+    shared_up: torch.Tensor | None = None,
+    shared_down: torch.Tensor | None = None,  # (H, S)
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The seed's baseline: a PyTorch loop over the experts hit (a host sync each), reading X once
+    for the routed experts and again for the shared one. Computes in x's dtype unless
+    `compute_dtype` is given (weights are upcast one expert at a time, so memory stays small)."""
+    dtype = compute_dtype or x.dtype
+    T, H = x.shape
+    I = gate_up_proj.shape[1] // 2
+    xc = x.to(dtype)
+    out = torch.zeros(T, H, dtype=torch.float32 if compute_dtype is None else dtype, device=x.device)
+    for expert in topk_ids.unique().tolist():
+        token, slot = torch.where(topk_ids == expert)
+        w = gate_up_proj[expert].to(dtype)
+        y = _mlp(xc[token], w[:I], w[I:], down_proj[expert].to(dtype))
+        out.index_add_(0, token, (y * topk_weights[token, slot, None].to(dtype)).to(out.dtype))
+    if shared_gate is not None:
+        out += _mlp(xc, *(w.to(dtype) for w in (shared_gate, shared_up, shared_down))).to(out.dtype)
+    return out.to(compute_dtype or x.dtype)
+
+
+def oracle_moe_experts(
+    x: torch.Tensor,  # (T, H)
+    topk_weights: torch.Tensor,  # (T, K)
+    topk_ids: torch.Tensor,  # (T, K)
+    gate_up_proj: torch.Tensor,  # (E, 2I, H)
+    down_proj: torch.Tensor,  # (E, H, I)
+    *shared: torch.Tensor | None,  # shared gate (S, H), up (S, H), down (H, S), or nothing
+) -> torch.Tensor:
+    """The same function in float64 on the CPU, the ground truth for tests: every expert runs densely
+    over all tokens and a (T, E) routing-weight matrix picks the result, so it shares no gather,
+    sort or index_add with the kernels or with the naive loop. Returns float64 (T, H)."""
+    f64 = {"dtype": torch.float64, "device": "cpu"}
+    x, gate_up_proj, down_proj = (t.to(**f64) for t in (x, gate_up_proj, down_proj))
+    E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
+    T, K = topk_ids.shape
+    # dense_weights[t, e] = sum_k weight[t, k] * (ids[t, k] == e): repeated ids add up.
+    dense_weights = torch.zeros(T, E, **f64)
+    dense_weights.scatter_add_(1, topk_ids.cpu().long(), topk_weights.to(**f64))
+    out = torch.zeros(T, x.shape[1], **f64)
+    for expert in range(E):
+        w = gate_up_proj[expert]
+        out += dense_weights[:, expert, None] * _mlp(x, w[:I], w[I:], down_proj[expert])
+    if shared and shared[0] is not None:
+        out += _mlp(x, *(t.to(**f64) for t in shared))
+    return out
+
+
+def oracle_topk_weights(router_logits: torch.Tensor, topk_ids: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """float64 routing weights of the experts the router chose: checks the weights independently
+    of the selection, which near-ties make precision-dependent."""
+    logits = router_logits.to(torch.float64)
+    ids = topk_ids.long().to(logits.device)
+    if config.scoring_func == "sigmoid":
+        weights = torch.sigmoid(logits).gather(1, ids)
+    else:
+        weights = torch.softmax(logits, dim=-1).gather(1, ids)
+    if config.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * config.routed_scaling_factor
+
+
+def routing_metadata_twin(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> RoutingMetadata:
+    """The routing metadata built by plain Python loops, for exact comparison."""
+    ids = topk_ids.reshape(-1).tolist()
+    rows_of = [[slot for slot, e in enumerate(ids) if e == expert] for expert in range(num_experts)]
+    sorted_slot = [slot for rows in rows_of for slot in rows]
+    slot_to_row = [0] * len(ids)
+    for row, slot in enumerate(sorted_slot):
+        slot_to_row[slot] = row
+    offsets, tile_expert, tile_row_start = [0], [], []
+    for expert, rows in enumerate(rows_of):
+        for start in range(0, len(rows), block_m):
+            tile_expert.append(expert)
+            tile_row_start.append(offsets[-1] + start)
+        offsets.append(offsets[-1] + len(rows))
+    max_tiles = len(ids) // block_m + min(num_experts, len(ids))
+    padding = max_tiles - len(tile_expert)
+    tile_expert += [PAD_EXPERT] * padding
+    tile_row_start += [len(ids)] * padding
+
+    def int32(values):
+        return torch.tensor(values, dtype=torch.int32, device=topk_ids.device)
+
+    return RoutingMetadata(
+        num_experts=num_experts,
+        top_k=topk_ids.shape[1],
+        block_m=block_m,
+        sorted_slot=int32(sorted_slot),
+        slot_to_row=int32(slot_to_row),
+        expert_offsets=int32(offsets),
+        tile_expert=int32(tile_expert),
+        tile_row_start=int32(tile_row_start),
+    )
