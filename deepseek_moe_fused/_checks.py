@@ -27,10 +27,11 @@ def check_tensor(
         raise TypeError(f"{name} must have dtype in ({allowed}), got {value.dtype}")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
-    if shape is not None:
-        if value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
-            want = tuple("*" if s is None else s for s in shape)
-            raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
+    if shape is not None and (
+        value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape))
+    ):
+        want = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
     if device is not None and value.device != device:
         raise ValueError(f"{name} must be on {device}, got {value.device}")
     if contiguous_last and value.numel() > 0 and value.stride(-1) != 1:

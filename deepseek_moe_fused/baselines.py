@@ -41,5 +41,7 @@ def grouped_mm_moe_experts(
     y[order] = y_sorted
     out = y.view(T, K, -1).sum(1)
     if weights.has_shared:
-        out = out + F.linear(F.silu(F.linear(x, weights.shared_gate)) * F.linear(x, weights.shared_up), weights.shared_down)
+        out = out + F.linear(
+            F.silu(F.linear(x, weights.shared_gate)) * F.linear(x, weights.shared_up), weights.shared_down
+        )
     return out

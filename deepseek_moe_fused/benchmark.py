@@ -75,15 +75,15 @@ def measure_ceilings(device: torch.device) -> Ceilings:
     """The card's two ceilings, measured here rather than taken from a datasheet."""
     import triton.testing
 
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode="median")
-    matmul_tflops = 2 * 8192**3 / (ms * 1e-3) / 1e12
-    del a, b
+    def median_ms(fn):
+        return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    matmul_tflops = 2 * n**3 / (median_ms(lambda: a @ b) * 1e-3) / 1e12
     src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
-    copy_gbps = 2 * src.numel() / (ms * 1e-3) / 1e9
+    copy_gbps = 2 * src.numel() / (median_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
     return Ceilings(matmul_tflops, copy_gbps)
 
 
@@ -144,7 +144,9 @@ def detailed_errors(x, topk_weights, topk_ids, weights, config) -> list[str]:
         mask = topk_ids == expert
         if mask.any():
             stats = error_stats(y_routed[mask], ref[mask])
-            lines.append(f"      expert {expert:3d}: {int(mask.sum()):6d} rows  {stats.rel_norm:.2e}  {stats.max_abs:.2e}")
+            lines.append(
+                f"      expert {expert:3d}: {int(mask.sum()):6d} rows  {stats.rel_norm:.2e}  {stats.max_abs:.2e}"
+            )
     lines.append("    per slot: rel error, max error")
     for k in range(K):
         stats = error_stats(y_routed[:, k], ref[:, k])
@@ -201,11 +203,12 @@ def bench_batch(config, num_tokens, layer, ceilings, on_gpu, args) -> tuple[dict
     lines = [
         f"Benchmarking N={num_tokens}...",
         f"  {'✓ PASS' if passed else '✗ FAIL'} | Max Error: {stats.max_abs:.2e} | Rel Error: {stats.rel_norm:.2e}",
-        "  " + " | ".join(f"{name.replace('_', ' ').title()}: {_fmt_ms(times[name])}" for name in (*IMPLEMENTATIONS, "layer")),
-        "  Speedup: "
+        "  "
         + " | ".join(
-            f"{_ratio(times[base], times['fused'])} vs {base}" for base in ("naive", "unfused", "grouped_mm")
-        )
+            f"{name.replace('_', ' ').title()}: {_fmt_ms(times[name])}" for name in (*IMPLEMENTATIONS, "layer")
+        ),
+        "  Speedup: "
+        + " | ".join(f"{_ratio(times[base], times['fused'])} vs {base}" for base in ("naive", "unfused", "grouped_mm"))
         + (f" | Floor: {floor:.1f}us ({row['pct_of_floor']:.0f}% of floor)" if floor else ""),
     ]
     if args.detailed:
@@ -235,8 +238,8 @@ def plot(rows, path, config, preset):
             ax.plot(*zip(*pts), marker="o", label=name)
     if all(r["floor_us"] for r in rows):
         ax.plot(ns, [r["floor_us"] / 1e3 for r in rows], "k--", label="roofline floor")
-    ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel="time (ms)",
-           title=f"{preset}: E={config.num_experts} H={config.hidden_dim} I={config.intermediate_dim} k={config.top_k}")  # fmt: skip
+    shape = f"E={config.num_experts} H={config.hidden_dim} I={config.intermediate_dim} k={config.top_k}"
+    ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel="time (ms)", title=f"{preset}: {shape}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -270,7 +273,9 @@ def main(argv=None) -> int:
     print(f"  Shared Weights: {shared_bytes / 2**20:.1f} MB")
     ceilings = measure_ceilings(device) if on_gpu else None
     if ceilings:
-        print(f"  Measured ceilings: {ceilings.matmul_tflops:.0f} TFLOP/s bf16 matmul, {ceilings.copy_gbps:.0f} GB/s copy")
+        print(
+            f"  Measured ceilings: {ceilings.matmul_tflops:.0f} TFLOP/s bf16 matmul, {ceilings.copy_gbps:.0f} GB/s copy"
+        )
     torch.manual_seed(args.seed)
     layer = make_layer(config, device, args.seed)
     print("\nRunning benchmark suite...\n")

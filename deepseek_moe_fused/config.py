@@ -35,7 +35,9 @@ class MoEConfig:
     topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" (softmax), "noaux_tc" (sigmoid)
     n_group: int = 1  # expert groups for group-limited routing
     topk_group: int = 1  # groups kept per token
-    norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1
+    # Renormalise the top-k weights to sum to 1 (DeepSeek's code does for both scoring functions;
+    # transformers' DeepseekV2 router ignores it, so a V2 model converted from there sets it False).
+    norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0  # multiplies the routing weights
     dtype: torch.dtype = torch.bfloat16  # parameter dtype of a new layer
 
@@ -108,12 +110,8 @@ class MoEConfig:
 PRESETS: dict[str, MoEConfig] = {
     # The seed project's default benchmark shape.
     "seed": MoEConfig(hidden_dim=2048, intermediate_dim=2048, num_experts=8, top_k=2),
-    "deepseek-moe-16b": MoEConfig(
-        hidden_dim=2048, intermediate_dim=1408, num_experts=64, top_k=6, n_shared_experts=2
-    ),
-    "deepseek-v2-lite": MoEConfig(
-        hidden_dim=2048, intermediate_dim=1408, num_experts=64, top_k=6, n_shared_experts=2
-    ),
+    "deepseek-moe-16b": MoEConfig(hidden_dim=2048, intermediate_dim=1408, num_experts=64, top_k=6, n_shared_experts=2),
+    "deepseek-v2-lite": MoEConfig(hidden_dim=2048, intermediate_dim=1408, num_experts=64, top_k=6, n_shared_experts=2),
     "deepseek-v2": MoEConfig(
         hidden_dim=5120,
         intermediate_dim=1536,

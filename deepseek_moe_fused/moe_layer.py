@@ -34,9 +34,7 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, topk_weights, sorted_slot, expert_offsets, *weight_tensors = ctx.saved_tensors
-        grads = experts_backward(
-            grad_out, x, topk_weights, sorted_slot, expert_offsets, ExpertWeights(*weight_tensors)
-        )
+        grads = experts_backward(grad_out, x, topk_weights, sorted_slot, expert_offsets, ExpertWeights(*weight_tensors))
         dx, d_topk, *d_weights = grads
         return (dx, d_topk, None, *d_weights)
 

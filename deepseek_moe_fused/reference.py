@@ -6,6 +6,8 @@ Shape legend: T=tokens, E=experts, K=top_k, H=hidden, I=intermediate, S=shared i
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -62,7 +64,7 @@ def oracle_moe_experts(
     f64 = {"dtype": torch.float64, "device": "cpu"}
     x, gate_up_proj, down_proj = (t.to(**f64) for t in (x, gate_up_proj, down_proj))
     E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
-    T, K = topk_ids.shape
+    T, _K = topk_ids.shape
     # dense_weights[t, e] = sum_k weight[t, k] * (ids[t, k] == e): repeated ids add up.
     dense_weights = torch.zeros(T, E, **f64)
     dense_weights.scatter_add_(1, topk_ids.cpu().long(), topk_weights.to(**f64))
@@ -120,4 +122,49 @@ def routing_metadata_twin(topk_ids: torch.Tensor, num_experts: int, block_m: int
         expert_offsets=int32(offsets),
         tile_expert=int32(tile_expert),
         tile_row_start=int32(tile_row_start),
+    )
+
+
+def oracle_select_experts(
+    router_logits: torch.Tensor,  # (T, E)
+    config: MoEConfig,
+    e_score_correction_bias: torch.Tensor | None = None,  # (E,)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DeepSeek routing rule written token by token in float64 Python, from the papers' text
+    rather than from transformers' tensor code. Returns (weights (T, K) float64, ids (T, K) int64)
+    with each token's ids in descending score order. Ties break towards the lower expert id."""
+    E, K, G = config.num_experts, config.top_k, config.n_group
+    per_group = E // G
+    logits = router_logits.detach().to(torch.float64).cpu().tolist()
+    bias = [0.0] * E if e_score_correction_bias is None else e_score_correction_bias.double().cpu().tolist()
+    all_weights, all_ids = [], []
+    for row in logits:
+        if config.scoring_func == "sigmoid":
+            scores = [1.0 / (1.0 + math.exp(-v)) for v in row]
+            choice = [s + b for s, b in zip(scores, bias)]
+        else:
+            top = max(row)
+            exps = [math.exp(v - top) for v in row]
+            scores = [v / sum(exps) for v in exps]
+            choice = list(scores)
+        allowed = set(range(E))
+        if config.grouped:
+            groups = [choice[g * per_group : (g + 1) * per_group] for g in range(G)]
+            if config.scoring_func == "sigmoid":
+                group_score = [sum(sorted(g, reverse=True)[:2]) for g in groups]
+            else:
+                group_score = [max(g) for g in groups]
+            kept = sorted(range(G), key=lambda g: (-group_score[g], g))[: config.topk_group]
+            allowed = {e for g in kept for e in range(g * per_group, (g + 1) * per_group)}
+        ranked = sorted(allowed, key=lambda e: (-choice[e], e))[:K]
+        weights = [scores[e] for e in ranked]
+        if config.norm_topk_prob:
+            total = sum(weights) + 1e-20
+            weights = [w / total for w in weights]
+        all_weights.append([w * config.routed_scaling_factor for w in weights])
+        all_ids.append(ranked)
+    T = len(logits)
+    return (
+        torch.tensor(all_weights, dtype=torch.float64).view(T, K),
+        torch.tensor(all_ids, dtype=torch.int64).view(T, K),
     )

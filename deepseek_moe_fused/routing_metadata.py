@@ -76,9 +76,7 @@ def build_routing_metadata(
     ids = topk_ids.reshape(-1).to(torch.int64)
     # Stable, so rows of one expert stay in slot order: the result is deterministic.
     order = torch.sort(ids, stable=True)[1]
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
-        0, ids, torch.ones_like(ids)
-    )
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, ids, torch.ones_like(ids))
     zero = torch.zeros(1, dtype=torch.int64, device=device)
     expert_offsets = torch.cat([zero, counts.cumsum(0)])
     tile_offsets = torch.cat([zero, ((counts + block_m - 1) // block_m).cumsum(0)])

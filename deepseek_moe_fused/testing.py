@@ -140,7 +140,7 @@ class ErrorStats:
 
 def error_stats(out: torch.Tensor, ref: torch.Tensor) -> ErrorStats:
     """Errors of `out` against `ref` (both compared in float64), over the elements `ref` has finite."""
-    out, ref = out.double().cpu(), ref.double().cpu()
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     finite = torch.isfinite(ref)
     nan_mismatch = bool((torch.isfinite(out) != finite).any())
     diff = torch.where(finite, out - ref, 0.0).nan_to_num(nan=float("inf"))

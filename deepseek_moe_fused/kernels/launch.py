@@ -11,6 +11,7 @@ from .._checks import FLOAT_DTYPES, check_tensor
 from .._interpret import interpreter_active
 from ..routing_metadata import RoutingMetadata, build_routing_metadata
 from . import _tiles
+from ._alloc import new_output
 from ._combine import _combine_kernel
 from ._down import _down_kernel
 from ._gate_up import _gate_up_swiglu_kernel
@@ -80,7 +81,7 @@ def check_routing(
     K = topk_ids.shape[1]
     if topk_ids.shape[0] != T:
         raise ValueError(f"topk_ids must have shape ({T}, K), got {tuple(topk_ids.shape)}")
-    if K > num_experts:
+    if num_experts < K:
         raise ValueError(f"topk_ids has top_k={K} columns but there are only {num_experts} experts")
     check_tensor("topk_weights", topk_weights, shape=(T, K), dtypes=FLOAT_DTYPES, device=x.device)
     # Reading the ids back is a host sync: the fused layer, whose router cannot produce bad ids,
@@ -122,8 +123,8 @@ def gate_up_swiglu(
     T, H = x.shape
     I, S = weights.intermediate_dim, weights.shared_dim
     shared = shared and weights.has_shared
-    h_routed = x.new_empty((metadata.num_rows, I))
-    h_shared = x.new_empty((T, S)) if weights.has_shared else None
+    h_routed = new_output(x, (metadata.num_rows, I))
+    h_shared = new_output(x, (T, S)) if weights.has_shared else None
     tiles = _tiles.gate_up_tiles(metadata.block_m, H, max(I, S), interpreter_active())
     bm, bn = tiles.block_m, tiles.block_n
     num_programs = (metadata.max_tiles * triton.cdiv(I, bn) if routed else 0) + (
@@ -164,14 +165,12 @@ def down_proj(
     T, K = topk_weights.shape
     H, I, S = weights.hidden_dim, weights.intermediate_dim, weights.shared_dim
     shared = shared and weights.has_shared
-    y_routed = h_routed.new_empty((T, K, H))
-    y_shared = h_routed.new_empty((T, H)) if weights.has_shared else None
+    y_routed = new_output(h_routed, (T, K, H))
+    y_shared = new_output(h_routed, (T, H)) if weights.has_shared else None
     tiles = _tiles.down_tiles(metadata.block_m, H, max(I, S), interpreter_active())
     bm, bn = tiles.block_m, tiles.block_n
     n_tiles_h = triton.cdiv(H, bn)
-    num_programs = (metadata.max_tiles * n_tiles_h if routed else 0) + (
-        triton.cdiv(T, bm) * n_tiles_h if shared else 0
-    )
+    num_programs = (metadata.max_tiles * n_tiles_h if routed else 0) + (triton.cdiv(T, bm) * n_tiles_h if shared else 0)
     if num_programs == 0:
         return y_routed, y_shared
     shared_down = weights.shared_down if shared else weights.down_proj
@@ -196,7 +195,7 @@ def down_proj(
 def combine(y_routed: torch.Tensor, y_shared: torch.Tensor | None) -> torch.Tensor:
     """Stage 3: out (T, H) = sum over k of y_routed[:, k] + y_shared, summed in a fixed order."""
     T, K, H = y_routed.shape
-    out = y_routed.new_empty((T, H))
+    out = new_output(y_routed, (T, H))
     if T == 0:
         return out
     block_h = _tiles.combine_block_h(H)

@@ -1,0 +1,47 @@
+# Test tiers, lint and benchmarks. `make test` picks the tier by the machine.
+PYTHON ?= python3
+PYTEST = $(PYTHON) -m pytest
+HAS_GPU := $(shell $(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+NUM_GPUS := $(shell $(PYTHON) -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+# CPU tier: the interpreter is single-threaded Python, so one xdist worker per core.
+CPU_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: help install lint format test test-cpu test-gpu test-nightly sanitize benchmark
+
+help:
+	@echo "install test test-cpu test-gpu test-nightly sanitize lint format benchmark"
+
+install:
+	$(PYTHON) -m pip install -e ".[test,hf,plot,lint]"
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+ifeq ($(HAS_GPU),1)
+test: test-gpu
+else
+test: test-cpu
+endif
+
+test-cpu:
+	TRITON_INTERPRET=1 $(PYTEST) -n $(CPU_WORKERS) --hypothesis-profile=cpu -m "not slow"
+
+# One xdist worker per GPU; conftest pins each worker to its own device.
+test-gpu:
+	$(PYTEST) -n $(NUM_GPUS) --hypothesis-profile=gpu --junitxml=junit-gpu.xml
+
+test-nightly:
+	$(PYTEST) -n $(if $(filter 1,$(HAS_GPU)),$(NUM_GPUS),$(CPU_WORKERS)) --hypothesis-profile=nightly
+
+# The GPU tier's kernel tests under compute-sanitizer's memcheck (out-of-bounds / misaligned accesses).
+sanitize:
+	PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
+		$(PYTEST) -p no:xdist --hypothesis-profile=sanitize tests/test_fused_moe.py tests/test_moe_layer.py
+
+benchmark:
+	$(PYTHON) -m deepseek_moe_fused.benchmark

@@ -1,0 +1,57 @@
+"""Test tiers: with no CUDA device the Triton kernels run in the interpreter (CPU tier); with one
+they are compiled (GPU tier, bigger shapes and bf16). Hypothesis profiles: cpu, gpu, nightly."""
+
+import os
+
+import torch
+
+# Triton reads this when a kernel is decorated, so it must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+IN_CI = bool(os.environ.get("CI"))
+
+_common = dict(
+    deadline=None,  # interpreter and compile times vary far more than any deadline would allow
+    derandomize=IN_CI,  # CI runs the same examples every time; local runs explore
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile("cpu", max_examples=12, **_common)
+settings.register_profile("gpu", max_examples=60, **_common)
+settings.register_profile("nightly", max_examples=2000, **_common)
+# compute-sanitizer slows every launch ~100x: few examples, each still fuzzed.
+settings.register_profile("sanitize", max_examples=6, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if ON_GPU else "cpu"))
+
+
+def _xdist_gpu() -> int:
+    """pytest-xdist worker gwN runs on GPU N mod the device count: one worker per GPU."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker.removeprefix("gw") or 0) % max(torch.cuda.device_count(), 1)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    if ON_GPU:
+        torch.cuda.set_device(_xdist_gpu())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device: the GPU tier runs it (make test-gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def pytest_report_header(config):
+    tier = "GPU (compiled kernels)" if ON_GPU else "CPU (Triton interpreter, TRITON_INTERPRET=1)"
+    return [f"deepseek_moe_fused test tier: {tier}; hypothesis profile: {settings().max_examples} examples"]

@@ -1,0 +1,77 @@
+"""Hypothesis strategies that generate only valid cases: configs, batches, routings, values.
+
+Sizes are bounded per tier: the CPU tier runs the kernels in the interpreter on 2 cores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from conftest import ON_GPU
+from hypothesis import strategies as st
+
+from deepseek_moe_fused import MoEConfig
+from deepseek_moe_fused.testing import ROUTING_KINDS
+
+# Expert counts: primes and non-powers of two next to the usual powers.
+EXPERT_COUNTS = [1, 2, 3, 5, 7, 8, 12, 13, 16, 31, 64]
+# Hidden / intermediate sizes: tiny, prime, and just past the block sizes (16, 32, 64).
+DIMS = [1, 3, 16, 17, 33, 48, 65, 96] + ([129, 257, 1000] if ON_GPU else [])
+# Tokens: empty, one, prime, just over a block, larger.
+TOKENS = [0, 1, 2, 7, 17, 33, 64] + ([129, 255, 1031] if ON_GPU else [])
+# Bound on routed rows (T*K) so each interpreted example stays around a second.
+MAX_ROWS = 4096 if ON_GPU else 320
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+X_SCALES = [1e-3, 1e-1, 1.0, 10.0, 100.0]
+# fp16's range is [6e-5 (smallest normal), 65504]. The SwiGLU activations scale like x^2: x ~ 100
+# overflows the weighted slot sums and x ~ 1e-3 drops them into subnormals, in any fp16
+# implementation. So fp16 draws x scales from 0.1 to 10; fp32 and bf16 (fp32's range) from all.
+X_SCALE_RANGE = {torch.float16: (0.1, 10.0)}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def moe_configs(draw, dtypes=DTYPES) -> MoEConfig:
+    E = draw(st.sampled_from(EXPERT_COUNTS) | st.integers(1, 64))
+    K = draw(st.sampled_from(sorted({1, min(2, E), E})) | st.integers(1, min(E, 8)))
+    scoring = draw(st.sampled_from(["softmax", "sigmoid"]))
+    method = "noaux_tc" if scoring == "sigmoid" else draw(st.sampled_from(["greedy", "group_limited_greedy"]))
+    n_group = topk_group = 1
+    if method != "greedy":
+        n_group = draw(st.sampled_from(_divisors(E)))
+        # top_k experts must fit in the kept groups: topk_group * (E / n_group) >= K.
+        topk_group = draw(st.integers(math.ceil(K * n_group / E), n_group))
+    return MoEConfig(
+        hidden_dim=draw(st.sampled_from(DIMS)),
+        intermediate_dim=draw(st.sampled_from(DIMS)),
+        num_experts=E,
+        top_k=K,
+        n_shared_experts=draw(st.integers(0, 2)),
+        scoring_func=scoring,
+        topk_method=method,
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=draw(st.booleans()),
+        routed_scaling_factor=draw(st.sampled_from([1.0, 2.5, 16.0, 0.37])),
+        dtype=draw(st.sampled_from(dtypes)),
+    )
+
+
+def num_tokens(config: MoEConfig):
+    return st.sampled_from([t for t in TOKENS if t * config.top_k <= MAX_ROWS] or [1])
+
+
+routing_kinds = st.sampled_from(ROUTING_KINDS)
+
+
+def x_scales(dtype: torch.dtype):
+    low, high = X_SCALE_RANGE.get(dtype, (0.0, float("inf")))
+    return st.sampled_from([s for s in X_SCALES if low <= s <= high])
+
+
+seeds = st.integers(0, 2**16)

@@ -1,0 +1,39 @@
+"""The benchmark CLI end to end at interpreter-sized shapes (its timings are not checked)."""
+
+import json
+
+import pytest
+import torch
+
+from deepseek_moe_fused import benchmark
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--batch_sizes", "3", "--detailed"],  # seed preset shrunk for the CPU
+        ["--preset", "deepseek-v3", "--hidden_dim", "32", "--intermediate_dim", "16", "--num_experts", "16",
+         "--top_k", "4", "--batch_sizes", "5", "--dtype", "fp32"],  # grouped sigmoid routing
+        ["--n_shared_experts", "0", "--batch_sizes", "1", "--dtype", "fp16"],
+    ],
+)  # fmt: skip
+def test_cli_passes_and_writes_json(tmp_path, capsys, argv):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-sized CLI run is for machines without a GPU; the GPU tier runs the real one")
+    path = tmp_path / "report.json"
+    assert benchmark.main([*argv, "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "interpreter" in printed and "PASS" in printed and "FAIL" not in printed
+    report = json.loads(path.read_text())
+    assert report["rows"] and all(row["pass"] for row in report["rows"])
+    assert {"naive_ms", "unfused_ms", "fused_ms", "layer_ms"} <= set(report["rows"][0])
+
+
+def test_roofline_floor():
+    from deepseek_moe_fused import PRESETS
+
+    config = PRESETS["seed"]
+    ids = torch.tensor([[0, 1]])  # N=1: two experts touched
+    floor = benchmark.roofline_floor_us(config, ids, benchmark.Ceilings(matmul_tflops=800.0, copy_gbps=3000.0))
+    # bytes: (2 routed + 1 shared) experts x 3 x 2048 x 2048 x 2 bytes = 75.5 MB at 3 TB/s
+    assert floor == pytest.approx(3 * 3 * 2048 * 2048 * 2 / 3000e9 * 1e6)

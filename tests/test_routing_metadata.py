@@ -1,0 +1,60 @@
+"""Routing metadata: exact equality with the loop-built twin, and its invariants."""
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from strategies import routing_kinds, seeds
+
+from deepseek_moe_fused.reference import routing_metadata_twin
+from deepseek_moe_fused.routing_metadata import PAD_EXPERT, RoutingMetadata, build_routing_metadata, max_routed_tiles
+from deepseek_moe_fused.testing import make_routing
+
+
+@given(
+    T=st.integers(0, 70),
+    E=st.integers(1, 40),
+    K=st.integers(1, 8),
+    block_m=st.sampled_from([1, 2, 16, 64]),
+    kind=routing_kinds,
+    seed=seeds,
+)
+@example(T=0, E=3, K=1, block_m=16, kind="uniform", seed=0)  # no rows at all
+@example(T=17, E=1, K=1, block_m=16, kind="uniform", seed=0)  # one expert, one partial tile
+def test_metadata_equals_twin_and_invariants(device, T, E, K, block_m, kind, seed):
+    K = min(K, E)
+    _, ids = make_routing(kind, T, E, K, seed=seed, device=device)
+    meta = build_routing_metadata(ids, E, block_m)
+    twin = routing_metadata_twin(ids.cpu(), E, block_m)
+    for name in ("sorted_slot", "slot_to_row", "expert_offsets", "tile_expert", "tile_row_start"):
+        assert torch.equal(getattr(meta, name).cpu(), getattr(twin, name)), name
+
+    flat = ids.reshape(-1).cpu()
+    sorted_slot, offsets = meta.sorted_slot.cpu().long(), meta.expert_offsets.cpu().long()
+    # counts and offsets
+    assert torch.equal(meta.expert_counts.cpu().long(), torch.bincount(flat, minlength=E))
+    assert offsets[0] == 0 and offsets[-1] == T * K
+    # a permutation, its inverse, and every row in its expert's range
+    assert torch.equal(sorted_slot.sort().values, torch.arange(T * K))
+    assert torch.equal(meta.slot_to_row.cpu().long()[sorted_slot], torch.arange(T * K))
+    for e in range(E):
+        assert (flat[sorted_slot[offsets[e] : offsets[e + 1]]] == e).all()
+    # tiles cover each expert's rows exactly once; padding tiles are poisoned
+    tile_expert, tile_start = meta.tile_expert.cpu().long(), meta.tile_row_start.cpu().long()
+    real = tile_expert != PAD_EXPERT
+    assert meta.max_tiles == max_routed_tiles(T * K, E, block_m)
+    assert (tile_start[~real] == T * K).all() and (real[: int(real.sum())]).all()
+    covered = torch.zeros(T * K, dtype=torch.long)
+    for e, start in zip(tile_expert[real].tolist(), tile_start[real].tolist()):
+        end = min(start + block_m, int(offsets[e + 1]))
+        assert offsets[e] <= start < end
+        covered[start:end] += 1
+    assert (covered == 1).all()
+
+
+def test_metadata_rejects_wrong_dtypes():
+    meta = build_routing_metadata(torch.tensor([[0, 1]]), 2, 16)
+    with pytest.raises(TypeError, match="sorted_slot"):
+        RoutingMetadata(**{**meta.__dict__, "sorted_slot": meta.sorted_slot.long()})
+    with pytest.raises(ValueError, match="expert_offsets"):
+        RoutingMetadata(**{**meta.__dict__, "expert_offsets": meta.expert_offsets[:-1]})
