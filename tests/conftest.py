@@ -21,7 +21,7 @@ _common = dict(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
-settings.register_profile("cpu", max_examples=12, **_common)
+settings.register_profile("cpu", max_examples=40, **_common)
 settings.register_profile("gpu", max_examples=60, **_common)
 settings.register_profile("nightly", max_examples=2000, **_common)
 # compute-sanitizer slows every launch ~100x: few examples, each still fuzzed.
