@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
-from strategies import moe_configs, num_tokens, seeds
+from strategies import MAX_ROWS, TOKENS, moe_configs, num_tokens, seeds
 
 from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig
 from deepseek_moe_fused.reference import oracle_moe_experts, oracle_topk_weights
@@ -46,11 +46,21 @@ def test_layer_matches_oracle(device, config, data, seed):
     assert stats.within(TOLERANCES[config.dtype]), stats
 
 
-@given(config=moe_configs(dtypes=[torch.float32]), data=st.data(), seed=seeds)
-def test_gradients_match_float64_autograd(device, config, data, seed):
+# Found by fuzzing: top_k=1 with norm_topk_prob makes the routing weight a constant, so the router
+# gradient cancels to zero in float64 and to rounding noise in fp32 (needs the absolute floor).
+@example(
+    config=MoEConfig(
+        hidden_dim=1, intermediate_dim=1, num_experts=5, top_k=1, n_shared_experts=0,
+        norm_topk_prob=True, routed_scaling_factor=16.0, dtype=torch.float32,
+    ),
+    T=17,
+    seed=0,
+).via("discovered failure")  # fmt: skip
+@given(config=moe_configs(dtypes=[torch.float32]), T=st.sampled_from(TOKENS), seed=seeds)
+def test_gradients_match_float64_autograd(device, config, T, seed):
     """dX, every expert and shared weight, and the router weight, against autograd through the
     float64 oracle (the same routing choice)."""
-    T = data.draw(num_tokens(config))
+    T = min(T, MAX_ROWS // config.top_k)
     assume(T > 0)
     layer = _layer(config, device, seed)
     x = torch.randn(T, config.hidden_dim, device=device, requires_grad=True)

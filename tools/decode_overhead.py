@@ -1,0 +1,44 @@
+"""Where small-batch time goes: eager forward vs CUDA-graph replay of the same forward.
+
+Eager time minus replay time is host-side launch overhead (Python, Triton's launcher, torch ops for
+the routing metadata). Run on a GPU: python tools/decode_overhead.py [preset] [N ...]
+"""
+
+import sys
+
+import torch
+import triton.testing
+
+from deepseek_moe_fused import MoEConfig
+from deepseek_moe_fused.kernels.launch import moe_experts_forward
+from deepseek_moe_fused.testing import make_moe_inputs
+
+
+def main() -> None:
+    preset = sys.argv[1] if len(sys.argv) > 1 else "deepseek-v2-lite"
+    sizes = [int(n) for n in sys.argv[2:]] or [1, 16, 128]
+    config = MoEConfig.from_preset(preset)
+    print(f"{torch.cuda.get_device_name()} | {preset}")
+    print(f"{'N':>6} {'eager us':>10} {'graph us':>10} {'host us':>9}")
+    for n in sizes:
+        inputs = make_moe_inputs(config, n, device="cuda")
+
+        def forward(inputs=inputs):
+            return moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, inputs.weights)
+
+        eager = triton.testing.do_bench(forward, warmup=25, rep=200, return_mode="median")
+        forward()  # compile before capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward()
+        replay = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+        print(f"{n:>6} {eager * 1e3:>10.1f} {replay * 1e3:>10.1f} {(eager - replay) * 1e3:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
