@@ -65,10 +65,7 @@ def build_config(args: argparse.Namespace, on_gpu: bool) -> MoEConfig:
     }
     if not on_gpu:
         overrides = {**CPU_SHAPE, **overrides}
-    config = MoEConfig.from_preset(args.preset, dtype=DTYPES[args.dtype], **overrides)
-    if config.grouped and config.num_experts % config.n_group:
-        config = config.replace(topk_method=PRESETS["seed"].topk_method, n_group=1, topk_group=1)
-    return config
+    return MoEConfig.from_preset(args.preset, dtype=DTYPES[args.dtype], **overrides)
 
 
 def measure_ceilings(device: torch.device) -> Ceilings:

@@ -27,8 +27,6 @@ def _checked(x, topk_ids, gate_up_proj, down_proj, shared, topk_weights=None, va
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, contiguous_last=True)
     weights = ExpertWeights(gate_up_proj, down_proj, *shared)
     weights.check(x)
-    if topk_weights is None:
-        topk_weights = torch.empty(topk_ids.shape, device=x.device)
     check_routing(x, topk_weights, topk_ids, weights.num_experts, validate_ids)
     return weights
 

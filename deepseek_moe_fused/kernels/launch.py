@@ -74,8 +74,9 @@ class ExpertWeights:
 
 
 def check_routing(
-    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, validate_ids: bool
+    x: torch.Tensor, topk_weights: torch.Tensor | None, topk_ids: torch.Tensor, num_experts: int, validate_ids: bool
 ) -> None:
+    """Shapes, dtypes and device of a routing; `topk_weights` None when only stage 1 runs."""
     T = x.shape[0]
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64), device=x.device)
     K = topk_ids.shape[1]
@@ -83,7 +84,8 @@ def check_routing(
         raise ValueError(f"topk_ids must have shape ({T}, K), got {tuple(topk_ids.shape)}")
     if num_experts < K:
         raise ValueError(f"topk_ids has top_k={K} columns but there are only {num_experts} experts")
-    check_tensor("topk_weights", topk_weights, shape=(T, K), dtypes=FLOAT_DTYPES, device=x.device)
+    if topk_weights is not None:
+        check_tensor("topk_weights", topk_weights, shape=(T, K), dtypes=FLOAT_DTYPES, device=x.device)
     # Reading the ids back is a host sync: the fused layer, whose router cannot produce bad ids,
     # skips it; direct callers of the low-level ops get the check by default.
     if validate_ids and topk_ids.numel():
