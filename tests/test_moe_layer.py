@@ -119,8 +119,7 @@ def test_layer_equals_transformers_block(device, config, data, seed):
     x = torch.randn(2, max(T // 2, 0), config.hidden_dim, device=device).to(config.dtype)  # (batch, seq, H)
     with torch.no_grad():
         ours, theirs = layer(x), block(x)
-        _, _, topk_ids = layer.gate(x.reshape(-1, config.hidden_dim))
-        logits = layer.gate(x.reshape(-1, config.hidden_dim))[0]
+        logits, _, topk_ids = layer.gate(x.reshape(-1, config.hidden_dim))
     oracle = _oracle(layer, x.reshape(-1, config.hidden_dim), logits, topk_ids).view(x.shape)
     # Both within the dtype's tolerance of the float64 oracle (transformers rounds differently).
     assert error_stats(ours, oracle).within(TOLERANCES[config.dtype])

@@ -65,9 +65,8 @@ class ExpertWeights:
         if given and len(given) != len(shared):
             raise ValueError(f"{', '.join(shared)} must be given together or not at all (got only {given})")
         if self.has_shared:
-            check_tensor("shared_gate", self.shared_gate, ndim=2, **common)
+            check_tensor("shared_gate", self.shared_gate, shape=(None, H), **common)
             S = self.shared_gate.shape[0]
-            check_tensor("shared_gate", self.shared_gate, shape=(S, H))
             check_tensor("shared_up", self.shared_up, shape=(S, H), **common)
             if with_down:
                 check_tensor("shared_down", self.shared_down, shape=(H, S), **common)
@@ -116,17 +115,18 @@ def gate_up_swiglu(
     *,
     routed: bool = True,
     shared: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Stage 1: ``h_routed`` (T*K, I) in expert-sorted row order and ``h_shared`` (T, S).
 
     h = silu(x @ gate^T) * (x @ up^T). With both `routed` and `shared` (the default) it is one
-    launch; the flags let a benchmark time the unfused ablation with the same kernel.
+    launch; the flags let a benchmark time the unfused ablation with the same kernel. A part that
+    is not computed (flag off, or no shared expert) is returned as None, never as a stale buffer.
     """
     T, H = x.shape
     I, S = weights.intermediate_dim, weights.shared_dim
     shared = shared and weights.has_shared
-    h_routed = new_output(x, (metadata.num_rows, I))
-    h_shared = new_output(x, (T, S)) if weights.has_shared else None
+    h_routed = new_output(x, (metadata.num_rows, I)) if routed else None
+    h_shared = new_output(x, (T, S)) if shared else None
     tiles = _tiles.gate_up_tiles(metadata.block_m, H, max(I, S), interpreter_active())
     bm, bn = tiles.block_m, tiles.block_n
     num_programs = (metadata.max_tiles * triton.cdiv(I, bn) if routed else 0) + (
@@ -135,15 +135,18 @@ def gate_up_swiglu(
     if num_programs == 0:
         return h_routed, h_shared
     gate, up = weights.gate_up_proj[:, :I], weights.gate_up_proj[:, I:]
+    # Pointer arguments of a disabled part get a tensor that exists; ROUTED/SHARED keep them unread.
     shared_gate = weights.shared_gate if shared else gate
     shared_up = weights.shared_up if shared else up
+    h_routed_arg = h_routed if routed else h_shared
+    h_shared_arg = h_shared if shared else h_routed
     _gate_up_swiglu_kernel[(num_programs,)](
         x, gate, up, shared_gate, shared_up,
-        h_routed, h_shared if shared else h_routed,
+        h_routed_arg, h_shared_arg,
         metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
         T, H, I, S, metadata.top_k, metadata.max_tiles,
         x.stride(0), gate.stride(0), gate.stride(1), shared_gate.stride(0),
-        h_routed.stride(0), h_shared.stride(0) if shared else 0,
+        h_routed_arg.stride(0), h_shared_arg.stride(0),
         ROUTED=routed, SHARED=shared,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -153,43 +156,45 @@ def gate_up_swiglu(
 
 
 def down_proj(
-    h_routed: torch.Tensor,  # (T*K, I) expert-sorted rows
-    h_shared: torch.Tensor | None,  # (T, S)
+    h_routed: torch.Tensor | None,  # (T*K, I) expert-sorted rows; None when `routed` is off
+    h_shared: torch.Tensor | None,  # (T, S); None without a shared expert or when `shared` is off
     topk_weights: torch.Tensor,  # (T, K)
     weights: ExpertWeights,
     metadata: RoutingMetadata,
     *,
     routed: bool = True,
     shared: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Stage 2: ``y_routed`` (T, K, H), each slot's expert output times its routing weight, and
-    ``y_shared`` (T, H)."""
+    ``y_shared`` (T, H); a part that is not computed is returned as None."""
     T, K = topk_weights.shape
     H, I, S = weights.hidden_dim, weights.intermediate_dim, weights.shared_dim
     shared = shared and weights.has_shared
-    y_routed = new_output(h_routed, (T, K, H))
-    y_shared = new_output(h_routed, (T, H)) if weights.has_shared else None
+    like = h_routed if routed else h_shared
+    y_routed = new_output(like, (T, K, H)) if routed else None
+    y_shared = new_output(like, (T, H)) if shared else None
     tiles = _tiles.down_tiles(metadata.block_m, H, max(I, S), interpreter_active())
     bm, bn = tiles.block_m, tiles.block_n
     n_tiles_h = triton.cdiv(H, bn)
     num_programs = (metadata.max_tiles * n_tiles_h if routed else 0) + (triton.cdiv(T, bm) * n_tiles_h if shared else 0)
     if num_programs == 0:
         return y_routed, y_shared
+    # Pointer arguments of a disabled part get a tensor that exists; ROUTED/SHARED keep them unread.
     shared_down = weights.shared_down if shared else weights.down_proj
-    h_shared_arg = h_shared if shared else h_routed
-    y_shared_arg = y_shared if shared else y_routed
+    h_routed_arg, h_shared_arg = (h_routed if routed else h_shared), (h_shared if shared else h_routed)
+    y_routed_arg, y_shared_arg = (y_routed if routed else y_shared), (y_shared if shared else y_routed)
     _down_kernel[(num_programs,)](
-        h_routed, h_shared_arg, weights.down_proj, shared_down,
-        topk_weights.contiguous(), y_routed, y_shared_arg,
+        h_routed_arg, h_shared_arg, weights.down_proj, shared_down,
+        topk_weights.contiguous(), y_routed_arg, y_shared_arg,
         metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
         T, H, I, S, metadata.max_tiles,
-        h_routed.stride(0), h_shared_arg.stride(0),
+        h_routed_arg.stride(0), h_shared_arg.stride(0),
         weights.down_proj.stride(0), weights.down_proj.stride(1), shared_down.stride(0),
         H, y_shared_arg.stride(0),
         ROUTED=routed, SHARED=shared,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        **_kernel_flags(h_routed.dtype),
+        **_kernel_flags(like.dtype),
     )  # fmt: skip
     return y_routed, y_shared
 
