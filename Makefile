@@ -6,10 +6,15 @@ NUM_GPUS := $(shell $(PYTHON) -c "import torch; print(torch.cuda.device_count())
 # CPU tier: the interpreter is single-threaded Python, so one xdist worker per core.
 CPU_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help install lint format test test-cpu test-gpu test-nightly sanitize benchmark
+ASV ?= $(PYTHON) -m asv
+FACTOR ?= 1.10
+
+.PHONY: help install lint format test test-cpu test-gpu test-nightly sanitize benchmark \
+	bench bench-publish bench-compare bench-check
 
 help:
 	@echo "install test test-cpu test-gpu test-nightly sanitize lint format benchmark"
+	@echo "bench bench-publish bench-compare BASE=<sha> HEAD=<sha> [FACTOR=1.10] bench-check"
 
 install:
 	$(PYTHON) -m pip install -e ".[test,hf,plot,lint]"
@@ -45,3 +50,23 @@ sanitize:
 
 benchmark:
 	$(PYTHON) -m deepseek_moe_fused.benchmark
+
+# asv history, offline, in the current environment. Results are saved only with a commit hash.
+# DEEPSEEK_MOE_BENCH_RUN lets all tracks of one (preset, N) share one measurement (benchmarks/_measure.py).
+bench:
+	$(ASV) machine --yes
+	DEEPSEEK_MOE_BENCH_RUN=$$(git rev-parse --short HEAD)-$$(date +%s%N) \
+		$(ASV) run -E existing:same --set-commit-hash $$(git rev-parse HEAD) --show-stderr
+
+bench-publish:
+	$(ASV) publish
+
+# The table, then the gate: exits non-zero when HEAD is slower than BASE by more than FACTOR.
+bench-compare:
+	@test -n "$(BASE)" -a -n "$(HEAD)" || { echo "usage: make bench-compare BASE=<sha> HEAD=<sha>"; exit 2; }
+	$(ASV) compare --factor $(FACTOR) $(BASE) $(HEAD)
+	$(PYTHON) tools/asv_gate.py --base $(BASE) --head $(HEAD) --factor $(FACTOR) $(GATE_ARGS)
+
+# Imports the suite and checks its structure (CI runs it; no GPU needed).
+bench-check:
+	$(ASV) check -E existing:same

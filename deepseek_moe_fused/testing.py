@@ -16,14 +16,24 @@ ROUTING_KINDS = ("uniform", "one_expert", "empty_experts", "zipf", "repeated_exp
 
 
 def _randn(shape, generator, scale, dtype, device):
+    if generator.device.type == "cuda":
+        # Straight in the target dtype on the GPU: a DeepSeek-V3 layer's weights are 21 GB in bf16,
+        # and an fp32 staging copy (on the host or the card) would be twice that.
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device).mul_(scale)
     return (torch.randn(shape, generator=generator, dtype=torch.float32) * scale).to(dtype=dtype, device=device)
+
+
+def _generator(seed: int, device) -> torch.Generator:
+    """CPU generator unless the data lives on a GPU (then it is generated there)."""
+    on_gpu = torch.device(device).type == "cuda"
+    return torch.Generator(device=device if on_gpu else "cpu").manual_seed(seed)
 
 
 def make_expert_weights(
     config: MoEConfig, *, seed: int = 0, device="cpu", dtype: torch.dtype | None = None
 ) -> ExpertWeights:
     """Weights scaled by 1/sqrt(fan_in), so activations keep their magnitude through each GEMM."""
-    g = torch.Generator().manual_seed(seed)
+    g = _generator(seed, device)
     dtype = dtype or config.dtype
     E, H, I, S = config.num_experts, config.hidden_dim, config.intermediate_dim, config.shared_intermediate_dim
     args = {"generator": g, "dtype": dtype, "device": device}
@@ -39,8 +49,7 @@ def make_expert_weights(
 def make_activations(
     num_tokens: int, hidden_dim: int, *, seed: int = 1, scale: float = 1.0, dtype=torch.bfloat16, device="cpu"
 ) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return _randn((num_tokens, hidden_dim), g, scale, dtype, device)
+    return _randn((num_tokens, hidden_dim), _generator(seed, device), scale, dtype, device)
 
 
 def make_routing(

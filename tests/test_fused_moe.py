@@ -204,3 +204,19 @@ def test_expert_weights_on_other_device_raise():
 def test_expert_weights_dataclass_reports_dims():
     w = ExpertWeights(torch.empty(3, 10, 4), torch.empty(3, 4, 5))
     assert (w.num_experts, w.hidden_dim, w.intermediate_dim, w.shared_dim, w.has_shared) == (3, 4, 5, 0, False)
+
+
+def test_forced_tiles_change_the_launch_not_the_result(device, monkeypatch):
+    """The tuning/gate override really reaches the kernels, which stay correct under it."""
+    from deepseek_moe_fused.kernels import _tiles
+
+    inputs = make_moe_inputs(_prime_e_config(), 40, device=device)
+    monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_m=32,block_n=16,block_k=16,num_stages=1")
+    assert _tiles.choose_block_m(120, 7, interpret=False) == 32
+    assert _tiles.down_tiles(32, 33, 17, interpret=False).block_n == 16
+    with poisoned_outputs():
+        out = fused_moe_experts(*inputs.kernel_args())
+    _assert_matches(out, oracle_moe_experts(*inputs.kernel_args()), torch.float32)
+    monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_q=3")
+    with pytest.raises(ValueError, match="DEEPSEEK_MOE_FORCE_TILES"):
+        _tiles.choose_block_m(120, 7, interpret=False)

@@ -1,0 +1,152 @@
+"""Everything the asv tracks report for one (preset, N), measured once per `make bench` run.
+
+asv starts a fresh process for every (benchmark, parameters) pair. Building a DeepSeek-V3 layer
+(21 GB) and warming the kernels in each of them would cost far more than the measurements, so the
+first process of a run measures all numbers for its (preset, N) and leaves them in a JSON file
+keyed by the run id (`DEEPSEEK_MOE_BENCH_RUN`, set by `make bench`); the other tracks of the same
+run read it. Without a run id every process measures for itself (slower, never stale).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+RUN_ENV = "DEEPSEEK_MOE_BENCH_RUN"
+FORCE_TILES_ENV = "DEEPSEEK_MOE_FORCE_TILES"
+PRESET_SIZES = {
+    "seed": [1, 16, 128, 512, 2048, 8192, 16384],
+    "deepseek-v2-lite": [1, 16, 128, 512, 2048, 8192, 16384],
+    # One V3 layer (E=256, H=7168, I=2048, k=8, 1 shared): 21 GB of bf16 weights, fits one card.
+    "deepseek-v3": [16, 2048, 8192],
+}
+
+
+class NoGPU(NotImplementedError):
+    """Raised in setup: asv then skips the benchmark instead of failing it."""
+
+
+def require_gpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise NoGPU("these benchmarks time CUDA kernels; no CUDA device here")
+
+
+def _cache_file(key: str) -> Path | None:
+    run = os.environ.get(RUN_ENV)
+    if not run:
+        return None
+    folder = Path(tempfile.gettempdir()) / "deepseek_moe_fused_asv" / run
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{key}.json"
+
+
+def measurements(preset: str, num_tokens: int) -> dict:
+    key = f"{preset}-{num_tokens}-{os.environ.get(FORCE_TILES_ENV, 'default').replace(',', '_').replace('=', '')}"
+    path = _cache_file(key)
+    if path is not None and path.exists():
+        return json.loads(path.read_text())
+    result = _measure(preset, num_tokens)
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+    return result
+
+
+def ceilings():
+    """The card's ceilings, measured once per run like the rest."""
+    from deepseek_moe_fused.benchmark import Ceilings, measure_ceilings
+
+    path = _cache_file("ceilings")
+    if path is not None and path.exists():
+        return Ceilings(**json.loads(path.read_text()))
+    import torch
+
+    measured = measure_ceilings(torch.device("cuda"))
+    if path is not None:
+        path.write_text(json.dumps(measured.__dict__))
+    return measured
+
+
+def _median_ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _measure(preset: str, num_tokens: int) -> dict:
+    import torch
+
+    from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig, baselines
+    from deepseek_moe_fused.benchmark import make_layer
+    from deepseek_moe_fused.kernels.launch import moe_experts_forward
+    from deepseek_moe_fused.testing import make_activations
+
+    # First call in a fresh Triton cache: what a user pays the first time this shape runs.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cache-")
+    device = torch.device("cuda")
+    config = MoEConfig.from_preset(preset)
+    layer: DeepSeekMoELayer = make_layer(config, device, seed=0)
+    weights = layer.expert_weights()
+    x = make_activations(num_tokens, config.hidden_dim, seed=1, dtype=config.dtype, device=device)
+    with torch.no_grad():
+        _, topk_weights, topk_ids = layer.gate(x)
+    out = {}
+
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    moe_experts_forward(x, topk_weights, topk_ids, weights)
+    end.record()
+    end.synchronize()
+    out["compile_s"] = start.elapsed_time(end) / 1e3
+
+    with torch.no_grad():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out["fused_ms"] = _median_ms(lambda: moe_experts_forward(x, topk_weights, topk_ids, weights))
+        out["fused_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out["unfused_ms"] = _median_ms(
+            lambda: moe_experts_forward(x, topk_weights, topk_ids, weights, fuse_shared=False)
+        )
+        out["grouped_mm_ms"] = _median_ms(lambda: baselines.grouped_mm_moe_experts(x, topk_weights, topk_ids, weights))
+        out["layer_ms"] = _median_ms(lambda: layer(x))
+
+    if preset == "deepseek-v3":
+        # The PyTorch backward keeps fp32 gradients of every expert (45 GB for a V3 layer) beside the
+        # 21 GB of weights: measured once the Triton backward lands.
+        return _finish(out, config, topk_ids, num_tokens)
+    # Forward + backward of the whole layer, and of the grouped_mm pipeline under autograd.
+    x_grad = x.detach().clone().requires_grad_()
+    grad = torch.randn_like(x)
+
+    def layer_fwd_bwd():
+        layer.zero_grad(set_to_none=True)
+        layer(x_grad).backward(grad)
+
+    def grouped_mm_fwd_bwd():
+        layer.zero_grad(set_to_none=True)
+        _, w, ids = layer.gate(x_grad)
+        baselines.grouped_mm_moe_experts(x_grad, w, ids, layer.expert_weights()).backward(grad)
+
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out["fwd_bwd_ms"] = _median_ms(layer_fwd_bwd)
+    out["fwd_bwd_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    out["grouped_mm_fwd_bwd_ms"] = _median_ms(grouped_mm_fwd_bwd)
+
+    return _finish(out, config, topk_ids, num_tokens)
+
+
+def _finish(out: dict, config, topk_ids, num_tokens: int) -> dict:
+    from deepseek_moe_fused.benchmark import roofline_floor_us
+
+    floor_us = roofline_floor_us(config, topk_ids, ceilings())
+    H, I, S, K = config.hidden_dim, config.intermediate_dim, config.shared_intermediate_dim, config.top_k
+    out["pct_of_floor"] = 100 * floor_us / (out["fused_ms"] * 1e3)
+    out["tflops"] = 6 * H * num_tokens * (K * I + S) / (out["fused_ms"] * 1e-3) / 1e12
+    return out

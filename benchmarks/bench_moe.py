@@ -1,0 +1,59 @@
+"""asv benchmarks of the fused DeepSeek MoE layer. GPU only: without CUDA every benchmark is skipped.
+
+All numbers come from `_measure.measurements` (CUDA-event medians via triton.testing.do_bench,
+warmed up, baselines in the same process), so every track of one (preset, N) shares one set of
+inputs built by the same factory the tests use.
+"""
+
+from ._measure import PRESET_SIZES, measurements, require_gpu
+
+
+class _Tracks:
+    """Base: parameters and the skip-without-GPU setup; subclasses pick the presets."""
+
+    param_names = ("preset", "tokens")
+    timeout = 900  # building a V3 layer and the first compile take a while
+
+    def setup(self, preset, tokens):
+        require_gpu()
+        if tokens not in PRESET_SIZES[preset]:
+            raise NotImplementedError(f"{preset} is not measured at N={tokens}")  # asv: skipped
+        self.m = measurements(preset, tokens)
+
+
+def _track(key: str, unit: str, doc: str):
+    def track(self, preset, tokens):
+        if key not in self.m:  # not measured for this preset (see _measure.py)
+            return float("nan")
+        return self.m[key]
+
+    track.unit = unit
+    track.__doc__ = doc
+    return track
+
+
+def _all_sizes(presets):
+    return sorted({n for p in presets for n in PRESET_SIZES[p]})
+
+
+class ExpertsForward(_Tracks):
+    """Experts only, given the routing: the fused kernels and the baselines they are judged by."""
+
+    params = (list(PRESET_SIZES), _all_sizes(PRESET_SIZES))
+    track_fused_ms = _track("fused_ms", "ms", "Fused kernels: gate/up+SwiGLU (routed+shared), down, combine.")
+    track_unfused_ms = _track("unfused_ms", "ms", "Same kernels, shared MLP launched apart (the ablation).")
+    track_grouped_mm_ms = _track("grouped_mm_ms", "ms", "torch._grouped_mm pipeline baseline.")
+    track_pct_of_floor = _track("pct_of_floor", "%", "Roofline floor / fused time (higher is better).")
+    track_tflops = _track("tflops", "TFLOP/s", "Useful FLOPs / fused time (higher is better).")
+    track_peak_device_mb = _track("fused_peak_mb", "MB", "Device memory the fused forward allocates.")
+    track_first_call_compile_s = _track("compile_s", "s", "First call with an empty Triton cache.")
+
+
+class LayerForwardBackward(_Tracks):
+    """The whole layer (router + metadata + experts), forward and forward+backward."""
+
+    params = (list(PRESET_SIZES), _all_sizes(PRESET_SIZES))
+    track_layer_forward_ms = _track("layer_ms", "ms", "DeepSeekMoELayer forward.")
+    track_layer_fwd_bwd_ms = _track("fwd_bwd_ms", "ms", "DeepSeekMoELayer forward + backward.")
+    track_grouped_mm_fwd_bwd_ms = _track("grouped_mm_fwd_bwd_ms", "ms", "grouped_mm pipeline forward + backward.")
+    track_fwd_bwd_peak_device_mb = _track("fwd_bwd_peak_mb", "MB", "Device memory of forward + backward.")
