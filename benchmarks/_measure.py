@@ -16,12 +16,27 @@ from pathlib import Path
 
 RUN_ENV = "DEEPSEEK_MOE_BENCH_RUN"
 FORCE_TILES_ENV = "DEEPSEEK_MOE_FORCE_TILES"
-PRESET_SIZES = {
+SIZES_ENV = "DEEPSEEK_MOE_BENCH_SIZES"
+FULL_SIZES = {
     "seed": [1, 16, 128, 512, 2048, 8192, 16384],
     "deepseek-v2-lite": [1, 16, 128, 512, 2048, 8192, 16384],
     # One V3 layer (E=256, H=7168, I=2048, k=8, 1 shared): 21 GB of bf16 weights, fits one card.
     "deepseek-v3": [16, 2048, 8192],
 }
+
+
+def _sizes_from_env(spec: str) -> dict[str, list[int]]:
+    """'seed=1,2048;deepseek-v3=16' -> a subset of FULL_SIZES (a quick run, e.g. on pull requests)."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        preset, _, numbers = part.partition("=")
+        if preset not in FULL_SIZES:
+            raise ValueError(f"{SIZES_ENV}: unknown preset {preset!r}; choose from {sorted(FULL_SIZES)}")
+        sizes[preset] = [int(n) for n in numbers.split(",") if n.strip()]
+    return sizes
+
+
+PRESET_SIZES = _sizes_from_env(os.environ[SIZES_ENV]) if os.environ.get(SIZES_ENV) else FULL_SIZES
 
 
 class NoGPU(NotImplementedError):
