@@ -53,10 +53,13 @@ benchmark:
 
 # asv history, offline, in the current environment. Results are saved only with a commit hash.
 # DEEPSEEK_MOE_BENCH_RUN lets all tracks of one (preset, N) share one measurement (benchmarks/_measure.py).
+# asv drops PYTHONPATH in its benchmark processes but honours ASV_PYTHONPATH: the checkout comes first,
+# so the commit being recorded is the code being measured. BENCH_ARGS passes more asv options (-b REGEX).
 bench:
 	$(ASV) machine --yes
+	ASV_PYTHONPATH=$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH)) \
 	DEEPSEEK_MOE_BENCH_RUN=$$(git rev-parse --short HEAD)-$$(date +%s%N) \
-		$(ASV) run -E existing:same --set-commit-hash $$(git rev-parse HEAD) --show-stderr
+		$(ASV) run -E existing:same --set-commit-hash $$(git rev-parse HEAD) --show-stderr $(BENCH_ARGS)
 
 bench-publish:
 	$(ASV) publish

@@ -5,7 +5,8 @@
 set -uo pipefail
 BASE=$1 HEAD=$2 OUT=${3:-/tmp/asv-demo}
 mkdir -p "$OUT"
-export DEEPSEEK_MOE_BENCH_SIZES=${DEEPSEEK_MOE_BENCH_SIZES:-"seed=1,2048;deepseek-v2-lite=1,2048;deepseek-v3=16"}
+# A quick subset by default: asv starts one process per benchmark and parameter set.
+export DEEPSEEK_MOE_BENCH_SIZES=${DEEPSEEK_MOE_BENCH_SIZES:-"seed=1,2048"}
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 step() { echo "=== $*"; }
 step "bench $BASE"; git checkout -q "$BASE" && make bench > "$OUT/bench-base.log" 2>&1; tail -2 "$OUT/bench-base.log"
@@ -17,7 +18,8 @@ step "gate: $BASE -> $HEAD"; make -s bench-compare BASE="$BASE" HEAD="$HEAD"; ec
 step "gate: $HEAD run 1 -> run 2 (expect pass)"
 python3 tools/asv_gate.py --base "$HEAD" --head "$HEAD" --base-results /tmp/asv-run1; echo "exit $?"
 step "bench $HEAD with forced bad tiles"
-DEEPSEEK_MOE_FORCE_TILES=block_m=16,block_n=16,block_k=16,num_warps=1,num_stages=1 make bench > "$OUT/bench-bad.log" 2>&1
+DEEPSEEK_MOE_FORCE_TILES=block_m=16,block_n=16,block_k=16,num_warps=1,num_stages=1 \
+	make bench BENCH_ARGS="-b track_fused_ms" > "$OUT/bench-bad.log" 2>&1
 tail -2 "$OUT/bench-bad.log"
 step "gate: $HEAD run 2 -> bad tiles (expect fail)"
 python3 tools/asv_gate.py --base "$HEAD" --head "$HEAD" --base-results /tmp/asv-run2; echo "exit $?"
