@@ -37,7 +37,8 @@ def _all_sizes(presets):
 
 
 class ExpertsForward(_Tracks):
-    """Experts only, given the routing: the fused kernels and the baselines they are judged by."""
+    """Experts only, given the routing: the fused kernels and the baselines they are judged by.
+    Times are CUDA-graph replays (device time); LayerForwardBackward has the eager times."""
 
     params = (list(PRESET_SIZES), _all_sizes(PRESET_SIZES))
     track_fused_ms = _track("fused_ms", "ms", "Fused kernels: gate/up+SwiGLU (routed+shared), down, combine.")
@@ -50,7 +51,8 @@ class ExpertsForward(_Tracks):
 
 
 class LayerForwardBackward(_Tracks):
-    """The whole layer (router + metadata + experts), forward and forward+backward."""
+    """The whole layer (router + metadata + experts), forward and forward+backward, eager: host
+    launch overhead included, as a caller sees it."""
 
     params = (list(PRESET_SIZES), _all_sizes(PRESET_SIZES))
     track_layer_forward_ms = _track("layer_ms", "ms", "DeepSeekMoELayer forward.")
