@@ -9,8 +9,8 @@ CPU_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 ASV ?= $(PYTHON) -m asv
 FACTOR ?= 1.10
 
-.PHONY: help install lint format test test-cpu test-gpu test-nightly sanitize benchmark \
-	bench bench-publish bench-compare bench-check
+.PHONY: help install install-cpu install-gpu versions lint lint-workflows format test test-cpu test-gpu \
+	test-nightly sanitize benchmark bench bench-publish bench-compare bench-check bench-save-results bench-pr
 
 help:
 	@echo "install test test-cpu test-gpu test-nightly sanitize lint format benchmark"
@@ -19,9 +19,28 @@ help:
 install:
 	$(PYTHON) -m pip install -e ".[test,hf,plot,lint]"
 
-lint:
+# CPU machines (.ci/run, hosted Actions runners): torch pinned first, the CPU build. TORCH_INDEX_URL
+# points pip at the CPU wheel index where PyPI's default would be the CUDA build.
+install-cpu:
+	$(PYTHON) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PYTHON) -m pip install --quiet -e ".[test,hf,lint,bench]"
+
+# GPU runners keep their CUDA torch and Triton; this adds the project and its test/bench extras.
+install-gpu:
+	$(PYTHON) -m pip install --quiet -e ".[test,hf,plot,bench]"
+
+# key=value lines for $$GITHUB_OUTPUT (the Triton cache key).
+versions:
+	@$(PYTHON) -c "import torch, triton; print(f'torch={torch.__version__}'); print(f'triton={triton.__version__}')"
+
+lint: lint-workflows
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+
+# Offline: GitHub's workflow schema (vendored in check-jsonschema) and zizmor's security audits.
+lint-workflows:
+	$(PYTHON) -m check_jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	zizmor --offline .github/workflows
 
 format:
 	$(PYTHON) -m ruff check --fix .
@@ -73,3 +92,19 @@ bench-compare:
 # Imports the suite and checks its structure (CI runs it; no GPU needed).
 bench-check:
 	$(ASV) check -E existing:same
+
+# After `make bench` in the benchmarks workflow: commit the new result file to the asv-results
+# branch checked out in .asv/results (created on the first run).
+bench-save-results:
+	cd .asv/results && { git rev-parse --git-dir >/dev/null 2>&1 || { git init -q -b asv-results && \
+		git remote add origin "$$(git -C $(CURDIR) remote get-url origin)"; }; } && \
+		git add -A && git -c user.name=asv-bot -c user.email=asv-bot@users.noreply.github.com \
+		commit -qm "asv results for $$(git -C $(CURDIR) rev-parse --short HEAD)" && git push origin HEAD:asv-results
+
+# Pull requests: benchmark BASE and HEAD on this runner, then gate; SUMMARY gets a markdown table.
+bench-pr:
+	@test -n "$(BASE)" -a -n "$(HEAD)" || { echo "usage: make bench-pr BASE=<sha> HEAD=<sha> [SUMMARY=file]"; exit 2; }
+	git checkout --quiet --detach $(BASE) && $(MAKE) bench
+	git checkout --quiet --detach $(HEAD) && $(MAKE) bench
+	$(PYTHON) tools/asv_gate.py --base $(BASE) --head $(HEAD) --factor $(FACTOR) --markdown \
+		| tee $(if $(SUMMARY),-a $(SUMMARY),/dev/null)
