@@ -94,12 +94,14 @@ bench-check:
 	$(ASV) check -E existing:same
 
 # After `make bench` in the benchmarks workflow: commit the new result file to the asv-results
-# branch checked out in .asv/results (created on the first run).
+# branch, which the workflow checks out in .asv/results (a repository of its own; created here on
+# the first run, with the project's origin as its remote).
 bench-save-results:
-	cd .asv/results && { git rev-parse --git-dir >/dev/null 2>&1 || { git init -q -b asv-results && \
+	cd .asv/results && { test -e .git || { git init -q -b asv-results && \
 		git remote add origin "$$(git -C $(CURDIR) remote get-url origin)"; }; } && \
-		git add -A && git -c user.name=asv-bot -c user.email=asv-bot@users.noreply.github.com \
-		commit -qm "asv results for $$(git -C $(CURDIR) rev-parse --short HEAD)" && git push origin HEAD:asv-results
+		git add -A && { git diff --cached --quiet || git -c user.name=asv-bot \
+		-c user.email=asv-bot@users.noreply.github.com commit -qm "asv results for $$(git -C $(CURDIR) rev-parse --short HEAD)"; } && \
+		git push -q origin HEAD:asv-results
 
 # Pull requests: benchmark BASE and HEAD on this runner, then gate; SUMMARY gets a markdown table.
 bench-pr:
