@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 RUN_ENV = "DEEPSEEK_MOE_BENCH_RUN"
-FORCE_TILES_ENV = "DEEPSEEK_MOE_FORCE_TILES"
+FORCE_TILES_ENV = "DEEPSEEK_MOE_FORCE_TILES"  # read by deepseek_moe_fused.kernels._tiles; part of the cache key
 SIZES_ENV = "DEEPSEEK_MOE_BENCH_SIZES"
 FULL_SIZES = {
     "seed": [1, 16, 128, 512, 2048, 8192, 16384],
@@ -93,34 +93,11 @@ def _median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _graph_median_ms(fn) -> float:
-    """Device time of `fn` replayed from a CUDA graph. Eager small-batch times are mostly Python
-    launch overhead, which moved by up to 1.6x between two runs of one commit on one H100; the
-    replayed graph times the kernels alone (the forward makes no host sync, so it captures).
-    Falls back to eager timing for code that cannot be captured."""
-    import torch
-
-    fn()  # compile and allocate before capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    try:
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return _median_ms(fn)
-    return _median_ms(graph.replay)
-
-
 def _measure(preset: str, num_tokens: int) -> dict:
     import torch
 
     from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig, baselines
-    from deepseek_moe_fused.benchmark import make_layer
+    from deepseek_moe_fused.benchmark import graph_median_ms, make_layer
     from deepseek_moe_fused.kernels.launch import moe_experts_forward
     from deepseek_moe_fused.testing import make_activations
 
@@ -146,12 +123,14 @@ def _measure(preset: str, num_tokens: int) -> dict:
     with torch.no_grad():
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        out["fused_ms"] = _graph_median_ms(lambda: moe_experts_forward(x, topk_weights, topk_ids, weights))
+        # CUDA-graph replays: eager small-batch times (mostly Python launch overhead) moved by up to
+        # 1.6x between two runs of one commit on one H100, which no gate can work with.
+        out["fused_ms"] = graph_median_ms(lambda: moe_experts_forward(x, topk_weights, topk_ids, weights))
         out["fused_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        out["unfused_ms"] = _graph_median_ms(
+        out["unfused_ms"] = graph_median_ms(
             lambda: moe_experts_forward(x, topk_weights, topk_ids, weights, fuse_shared=False)
         )
-        out["grouped_mm_ms"] = _graph_median_ms(
+        out["grouped_mm_ms"] = graph_median_ms(
             lambda: baselines.grouped_mm_moe_experts(x, topk_weights, topk_ids, weights)
         )
         out["layer_ms"] = _median_ms(lambda: layer(x))  # eager on purpose: what a caller sees

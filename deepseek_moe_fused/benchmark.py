@@ -109,6 +109,31 @@ def time_ms(fn, on_gpu: bool) -> float:
     return statistics.median(times)
 
 
+def graph_median_ms(fn) -> float:
+    """Device time of `fn` replayed from a CUDA graph: the kernels without the Python launch
+    overhead (the forward makes no host sync, so it captures). Eager timing for code that cannot
+    be captured."""
+    import triton.testing
+
+    def median(f):
+        return triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+
+    fn()  # compile and allocate before capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return median(fn)
+    return median(graph.replay)
+
+
 def make_layer(config: MoEConfig, device: torch.device, seed: int) -> DeepSeekMoELayer:
     """The layer with the benchmark's shared-factory weights (same as the tests use)."""
     layer = DeepSeekMoELayer(config, device=device)

@@ -10,6 +10,7 @@ import torch
 import triton.testing
 
 from deepseek_moe_fused import MoEConfig
+from deepseek_moe_fused.benchmark import graph_median_ms
 from deepseek_moe_fused.kernels.launch import moe_experts_forward
 from deepseek_moe_fused.testing import make_moe_inputs
 
@@ -27,16 +28,7 @@ def main() -> None:
             return moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, inputs.weights)
 
         eager = triton.testing.do_bench(forward, warmup=25, rep=200, return_mode="median")
-        forward()  # compile before capture
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forward()
-        replay = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+        replay = graph_median_ms(forward)
         print(f"{n:>6} {eager * 1e3:>10.1f} {replay * 1e3:>10.1f} {(eager - replay) * 1e3:>9.1f}")
 
 
