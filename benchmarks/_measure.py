@@ -99,6 +99,7 @@ def _measure(preset: str, num_tokens: int) -> dict:
     from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig, baselines
     from deepseek_moe_fused.benchmark import graph_median_ms, make_layer
     from deepseek_moe_fused.kernels.launch import moe_experts_forward
+    from deepseek_moe_fused.reference import naive_moe_experts
     from deepseek_moe_fused.testing import make_activations
 
     # First call in a fresh Triton cache: what a user pays the first time this shape runs.
@@ -133,6 +134,10 @@ def _measure(preset: str, num_tokens: int) -> dict:
         out["grouped_mm_ms"] = graph_median_ms(
             lambda: baselines.grouped_mm_moe_experts(x, topk_weights, topk_ids, weights)
         )
+        # The seed's per-expert loop syncs with the host for every expert: eager, as it is used.
+        shared = (weights.shared_gate, weights.shared_up, weights.shared_down)
+        naive_args = (x, topk_weights, topk_ids, weights.gate_up_proj, weights.down_proj, *shared)
+        out["naive_ms"] = _median_ms(lambda: naive_moe_experts(*naive_args))
         out["layer_ms"] = _median_ms(lambda: layer(x))  # eager on purpose: what a caller sees
 
     if preset == "deepseek-v3":

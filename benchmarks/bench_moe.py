@@ -44,6 +44,7 @@ class ExpertsForward(_Tracks):
     track_fused_ms = _track("fused_ms", "ms", "Fused kernels: gate/up+SwiGLU (routed+shared), down, combine.")
     track_unfused_ms = _track("unfused_ms", "ms", "Same kernels, shared MLP launched apart (the ablation).")
     track_grouped_mm_ms = _track("grouped_mm_ms", "ms", "torch._grouped_mm pipeline baseline.")
+    track_naive_ms = _track("naive_ms", "ms", "The seed's per-expert PyTorch loop (eager: it syncs per expert).")
     track_pct_of_floor = _track("pct_of_floor", "%", "Roofline floor / fused time (higher is better).")
     track_tflops = _track("tflops", "TFLOP/s", "Useful FLOPs / fused time (higher is better).")
     track_peak_device_mb = _track("fused_peak_mb", "MB", "Device memory the fused forward allocates.")
