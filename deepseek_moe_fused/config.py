@@ -94,6 +94,13 @@ class MoEConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def from_hf(cls, hf_config, dtype: torch.dtype | None = None) -> MoEConfig:
+        """From a transformers DeepseekV3Config / DeepseekV2Config (see deepseek_moe_fused.hf)."""
+        from .hf import config_from_hf
+
+        return config_from_hf(hf_config, dtype)
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> MoEConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

@@ -86,6 +86,13 @@ class DeepSeekMoELayer(nn.Module):
         self.experts = RoutedExperts(config, device=device, dtype=dtype)
         self.shared_experts = SharedExpertMLP(config, device, dtype) if config.n_shared_experts else None
 
+    @classmethod
+    def from_hf(cls, module: nn.Module) -> DeepSeekMoELayer:
+        """From a transformers DeepseekV3MoE / DeepseekV2Moe, sharing its parameters (no copy)."""
+        from .hf import layer_from_hf
+
+        return layer_from_hf(module)
+
     def expert_weights(self) -> ExpertWeights:
         shared = self.shared_experts
         return ExpertWeights(
