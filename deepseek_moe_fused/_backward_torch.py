@@ -61,7 +61,7 @@ def experts_backward(
             xf[token], w[:I], w[I:], weights.down_proj[expert].to(f32), grad[token], flat_weights[slot]
         )
         dx_slot[slot] = dx
-    dx = dx_slot.view(T, K, -1).sum(1)
+    dx = dx_slot.view(T, K, x.shape[1]).sum(1)
     shared_grads = (None, None, None)
     if weights.has_shared:
         ones = torch.ones(T, dtype=f32, device=x.device)

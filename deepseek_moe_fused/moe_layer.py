@@ -40,15 +40,29 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
 
 
 class RoutedExperts(nn.Module):
-    """``experts``: all routed experts' weights as two 3-D parameters (transformers' layout)."""
+    """``experts``: the routed experts' weights as two 3-D parameters (transformers' layout).
 
-    def __init__(self, config: MoEConfig, device=None, dtype=None):
+    With expert parallelism it holds experts [first, first + count) only; loading a state_dict
+    with all E experts keeps that slice."""
+
+    def __init__(self, config: MoEConfig, device=None, dtype=None, first: int = 0, count: int | None = None):
         super().__init__()
-        E, H, I = config.num_experts, config.hidden_dim, config.intermediate_dim
+        H, I = config.hidden_dim, config.intermediate_dim
+        self.num_experts_total = config.num_experts
+        self.first = first
+        count = config.num_experts if count is None else count
         factory = {"device": device, "dtype": dtype or config.dtype}
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, **factory))  # gate rows, then up rows
-        self.down_proj = nn.Parameter(torch.empty(E, H, I, **factory))
+        self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * I, H, **factory))  # gate rows, then up rows
+        self.down_proj = nn.Parameter(torch.empty(count, H, I, **factory))
+        self._register_load_state_dict_pre_hook(self._keep_local_shard)
         self.reset_parameters()
+
+    def _keep_local_shard(self, state_dict, prefix, *args, **kwargs):
+        count = self.gate_up_proj.shape[0]
+        for name in ("gate_up_proj", "down_proj"):
+            full = state_dict.get(prefix + name)
+            if full is not None and full.shape[0] == self.num_experts_total != count:
+                state_dict[prefix + name] = full[self.first : self.first + count]
 
     def reset_parameters(self) -> None:
         # nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -77,13 +91,23 @@ class DeepSeekMoELayer(nn.Module):
     so their state_dict loads directly. The forward makes no host synchronisation.
     """
 
-    def __init__(self, config: MoEConfig, device=None, dtype=None):
+    def __init__(self, config: MoEConfig, device=None, dtype=None, ep_group=None):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         self.config = config
+        self.ep_group = ep_group  # torch.distributed group sharding the routed experts; None = all here
+        first, count = 0, config.num_experts
+        if ep_group is not None:
+            import torch.distributed as dist
+
+            from .expert_parallel import expert_bounds
+
+            bounds = expert_bounds(config.num_experts, dist.get_world_size(ep_group))
+            rank = dist.get_rank(ep_group)
+            first, count = bounds[rank], bounds[rank + 1] - bounds[rank]
         self.gate = DeepSeekRouter(config, device=device, dtype=dtype)
-        self.experts = RoutedExperts(config, device=device, dtype=dtype)
+        self.experts = RoutedExperts(config, device=device, dtype=dtype, first=first, count=count)
         self.shared_experts = SharedExpertMLP(config, device, dtype) if config.n_shared_experts else None
 
     @classmethod
@@ -124,8 +148,10 @@ class DeepSeekMoELayer(nn.Module):
         if x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
         router_logits, topk_weights, topk_ids = self.gate(x2d)
-        if x2d.shape[0] == 0:
-            out = x2d.new_zeros(x2d.shape)
+        if self.ep_group is not None:  # every rank joins the collectives, with or without tokens
+            from .expert_parallel import ep_moe_experts
+
+            out = ep_moe_experts(x2d, topk_weights, topk_ids, weights, self.config.num_experts, self.ep_group)
         else:
             out = FusedMoEExpertsFunction.apply(
                 x2d, topk_weights, topk_ids, weights.gate_up_proj, weights.down_proj,

@@ -1,0 +1,109 @@
+"""Expert parallelism on gloo (2 and 3 CPU processes, kernels in the interpreter) against the
+single-process layer holding all experts: outputs and every gradient."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import moe_configs, routing_kinds, seeds
+
+from deepseek_moe_fused import DeepSeekMoELayer, fused_moe_experts
+from deepseek_moe_fused.expert_parallel import ep_moe_experts, expert_bounds
+from deepseek_moe_fused.kernels.launch import ExpertWeights
+from deepseek_moe_fused.testing import TOLERANCES, error_stats, make_activations, make_moe_inputs
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _close(got, want, what, tol=TOLERANCES[torch.float32]):
+    stats = error_stats(got, want)
+    assert stats.within(tol), f"rank {dist.get_rank()}: {what}: {stats}"
+
+
+def _grad_close(got, want, what):
+    # fp32 gradients summed over ranks in another order than the single process: 1e-5 relative.
+    diff = (got - want).norm()
+    assert diff <= 1e-5 * want.norm() + 1e-7, f"rank {dist.get_rank()}: {what}: |diff| {diff:.3e}"
+
+
+def _worker(rank, world, init_file, config, tokens, kind, seed):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _check_layer(rank, world, config, tokens, seed)
+        _check_given_routing(rank, world, config, tokens, kind, seed)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_layer(rank, world, config, tokens, seed):
+    torch.manual_seed(seed)
+    full = DeepSeekMoELayer(config)
+    if full.gate.e_score_correction_bias is not None:
+        full.gate.e_score_correction_bias.normal_(std=0.1)
+    ep = DeepSeekMoELayer(config, ep_group=dist.group.WORLD)
+    ep.load_state_dict(full.state_dict())  # the full (transformers-layout) state_dict; keeps the shard
+    start, end = sum(tokens[:rank]), sum(tokens[: rank + 1])
+    x_all = make_activations(sum(tokens), config.hidden_dim, seed=seed, dtype=torch.float32).requires_grad_()
+    grad_all = make_activations(sum(tokens), config.hidden_dim, seed=seed + 1, dtype=torch.float32)
+    full(x_all).backward(grad_all)
+    x = x_all.detach()[start:end].clone().requires_grad_()
+    out = ep(x)
+    out.backward(grad_all[start:end])
+    _close(out, full(x_all.detach())[start:end], "output")
+    _grad_close(x.grad, x_all.grad[start:end], "dx")
+    first = expert_bounds(config.num_experts, world)[rank]
+    count = ep.experts.gate_up_proj.shape[0]
+    for name in ("gate_up_proj", "down_proj"):
+        got = getattr(ep.experts, name).grad
+        want = getattr(full.experts, name).grad[first : first + count]
+        _grad_close(got if got is not None else torch.zeros_like(want), want, f"experts.{name}")
+    # Replicated parameters see only local tokens: their gradients add up over the ranks.
+    full_params = dict(full.named_parameters())
+    for name, p in ep.named_parameters():
+        if name.startswith("experts."):
+            continue
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad)
+        _grad_close(grad, full_params[name].grad, name)
+
+
+def _check_given_routing(rank, world, config, tokens, kind, seed):
+    """Routings straight to the EP path (all on one expert, empty experts, Zipf, repeats)."""
+    inputs = make_moe_inputs(config, sum(tokens), routing=kind, seed=seed)
+    start, end = sum(tokens[:rank]), sum(tokens[: rank + 1])
+    want = fused_moe_experts(*inputs.kernel_args())[start:end]
+    w = inputs.weights
+    bounds = expert_bounds(config.num_experts, world)
+    local = ExpertWeights(
+        w.gate_up_proj[bounds[rank] : bounds[rank + 1]], w.down_proj[bounds[rank] : bounds[rank + 1]],
+        w.shared_gate, w.shared_up, w.shared_down,
+    )  # fmt: skip
+    got = ep_moe_experts(
+        inputs.x[start:end], inputs.topk_weights[start:end], inputs.topk_ids[start:end], local,
+        config.num_experts, dist.group.WORLD,
+    )  # fmt: skip
+    _close(got, want, f"routing {kind}")
+
+
+@st.composite
+def ep_cases(draw):
+    world = draw(st.sampled_from([2, 3]))
+    config = draw(moe_configs(dtypes=[torch.float32]))
+    # Uneven splits, ranks with no tokens, and fewer experts than ranks all occur.
+    tokens = draw(st.lists(st.sampled_from([0, 1, 3, 8]), min_size=world, max_size=world))
+    return world, config, tokens, draw(routing_kinds), draw(seeds)
+
+
+@settings(max_examples=int(os.environ.get("EP_EXAMPLES", "6")))  # each example starts 2-3 processes
+@given(case=ep_cases())
+def test_expert_parallel_equals_single_process(case):
+    if torch.cuda.is_available():
+        pytest.skip("the gloo CPU test runs the kernels in the interpreter: the CPU tier's job")
+    world, config, tokens, kind, seed = case
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), config, tokens, kind, seed), nprocs=world)
