@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     p.add_argument("--plot", metavar="PATH", help="plot time vs N per implementation (needs matplotlib)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ep", type=int, metavar="W", help="expert parallel over W ranks (launch with torchrun)")
     return p.parse_args(argv)
 
 
@@ -270,6 +271,10 @@ def plot(rows, path, config, preset):
 def main(argv=None) -> int:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available() and not interpreter_active()
+    if args.ep:
+        from .benchmark_ep import run_ep
+
+        return run_ep(args, build_config(args, on_gpu), make_layer)
     device = torch.device("cuda" if on_gpu else "cpu")
     import triton
 

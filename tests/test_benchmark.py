@@ -37,3 +37,22 @@ def test_roofline_floor():
     floor = benchmark.roofline_floor_us(config, ids, benchmark.Ceilings(matmul_tflops=800.0, copy_gbps=3000.0))
     # bytes: (2 routed + 1 shared) experts x 3 x 2048 x 2048 x 2 bytes = 75.5 MB at 3 TB/s
     assert floor == pytest.approx(3 * 3 * 2048 * 2048 * 2 / 3000e9 * 1e6)
+
+
+def test_ep_cli_under_torchrun(tmp_path):
+    """`--ep 2` under torchrun (gloo, interpreter): both ranks finish and rank 0 prints the table."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-sized EP run is for machines without a GPU; on GPUs run it by hand with NCCL")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "deepseek_moe_fused.benchmark", "--ep", "2", "--dtype", "fp32", "--batch_sizes", "0", "3"]  # fmt: skip
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Expert parallel: 2 ranks" in result.stdout
+    assert [line.split()[0] for line in result.stdout.splitlines()[-2:]] == ["0", "3"]
