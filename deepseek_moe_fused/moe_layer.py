@@ -28,7 +28,6 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
             x, topk_weights, metadata.sorted_slot, metadata.expert_offsets,
             gate_up_proj, down_proj, shared_gate, shared_up, shared_down,
         )  # fmt: skip
-        ctx.mark_non_differentiable(topk_ids)
         return out
 
     @staticmethod
