@@ -2,7 +2,9 @@
 
 For each batch size N: the fused kernels against an fp32 reference (PASS/FAIL), then median times
 of the naive per-expert loop, the unfused ablation (same kernels, shared MLP launched apart), the
-torch._grouped_mm pipeline and the fused kernels, with the roofline floor measured on this card.
+torch._grouped_mm pipeline, the fused kernels and the whole layer (router included), with the
+roofline floor measured on this card. On a GPU the times are CUDA-graph replays (device time;
+the naive loop syncs, so it runs eagerly) and the fused forward's eager time is shown beside them.
 Without a CUDA device it runs small sizes through the Triton interpreter and says so.
 """
 
@@ -15,13 +17,14 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
 from . import baselines
 from ._interpret import interpreter_active
 from .config import PRESETS, MoEConfig
-from .kernels.launch import down_proj, gate_up_swiglu, moe_experts_forward, routing_metadata_for
+from .kernels.launch import down_proj, gate_up_swiglu, moe_experts_forward, routing_metadata_for, tiles_for
 from .moe_layer import DeepSeekMoELayer
 from .reference import naive_moe_experts
 from .testing import TOLERANCES, error_stats, make_activations, make_expert_weights
@@ -151,7 +154,7 @@ def make_layer(config: MoEConfig, device: torch.device, seed: int) -> DeepSeekMo
 
 def detailed_errors(x, topk_weights, topk_ids, weights, config) -> list[str]:
     """Error of each slot's weighted expert output, grouped per expert and per slot."""
-    metadata = routing_metadata_for(topk_ids, weights.num_experts)
+    metadata = routing_metadata_for(topk_ids, weights)
     h_routed, h_shared = gate_up_swiglu(x, weights, metadata)
     y_routed, _ = down_proj(h_routed, h_shared, topk_weights, weights, metadata)
     T, K = topk_ids.shape
@@ -205,14 +208,18 @@ def bench_batch(config, num_tokens, layer, ceilings, on_gpu, args) -> tuple[dict
         }
         if baselines.grouped_mm_available():
             runs["grouped_mm"] = lambda: baselines.grouped_mm_moe_experts(x, topk_weights, topk_ids, weights)
+        # On a GPU every implementation is timed as a CUDA-graph replay where it captures (the
+        # device time, how decode is served); the naive loop syncs on the host, so it runs eagerly.
+        timer = graph_median_ms if on_gpu else partial(time_ms, on_gpu=False)
         times = {}
         for name in IMPLEMENTATIONS:
             try:
-                times[name] = time_ms(runs[name], on_gpu) if name in runs else None
+                times[name] = timer(runs[name]) if name in runs else None
             except RuntimeError as error:  # e.g. grouped_mm unsupported for this dtype/card
                 times[name] = None
                 print(f"  ({name} unavailable: {str(error).splitlines()[0]})", file=sys.stderr)
-        times["layer"] = time_ms(lambda: layer(x), on_gpu)
+        times["layer"] = timer(lambda: layer(x))
+        times["fused_eager"] = time_ms(runs["fused"], on_gpu)  # with Python launch overhead
     floor = roofline_floor_us(config, topk_ids, ceilings) if ceilings else None
     row = {
         "N": num_tokens,
@@ -228,8 +235,10 @@ def bench_batch(config, num_tokens, layer, ceilings, on_gpu, args) -> tuple[dict
         f"  {'✓ PASS' if passed else '✗ FAIL'} | Max Error: {stats.max_abs:.2e} | Rel Error: {stats.rel_norm:.2e}",
         "  "
         + " | ".join(
-            f"{name.replace('_', ' ').title()}: {_fmt_ms(times[name])}" for name in (*IMPLEMENTATIONS, "layer")
+            f"{name.replace('_', ' ').title()}: {_fmt_ms(times[name])}"
+            for name in (*IMPLEMENTATIONS, "layer", "fused_eager")
         ),
+        f"  Tiles: {tiles_for(num_tokens, weights, config.top_k).source}",
         "  Speedup: "
         + " | ".join(f"{_ratio(times[base], times['fused'])} vs {base}" for base in ("naive", "unfused", "grouped_mm"))
         + (f" | Floor: {floor:.1f}us ({row['pct_of_floor']:.0f}% of floor)" if floor else ""),

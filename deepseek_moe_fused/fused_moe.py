@@ -71,6 +71,6 @@ def fused_gate_up_swiglu(
     """Stage 1 alone, the seed's "X loaded once" kernel: the routed experts' and the shared MLP's
     gate/up projections in one launch over the same X, SwiGLU applied before anything is stored."""
     weights = _checked(x, topk_ids, gate_up_proj, None, (shared_gate, shared_up, None), validate_ids=validate_ids)
-    metadata = routing_metadata_for(topk_ids, weights.num_experts)
+    metadata = routing_metadata_for(topk_ids, weights)
     h_routed, h_shared = gate_up_swiglu(x, weights, metadata)
     return GateUpOutput(h_routed, h_shared, metadata)

@@ -22,7 +22,7 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weights, topk_ids, gate_up_proj, down_proj, shared_gate, shared_up, shared_down):
         weights = ExpertWeights(gate_up_proj, down_proj, shared_gate, shared_up, shared_down)
-        metadata = routing_metadata_for(topk_ids, weights.num_experts)
+        metadata = routing_metadata_for(topk_ids, weights)
         out = moe_experts_forward(x, topk_weights, topk_ids, weights, metadata)
         ctx.save_for_backward(
             x, topk_weights, metadata.sorted_slot, metadata.expert_offsets,

@@ -15,9 +15,9 @@ from .config import MoEConfig
 from .routing_metadata import PAD_EXPERT, RoutingMetadata
 
 
-def _mlp(x, gate, up, down):
+def _mlp(x, gate, up, down, activation=F.silu):
     """down(silu(gate(x)) * up(x)) with torch Linear layouts: gate/up (I, H), down (H, I)."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return F.linear(activation(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 def naive_moe_experts(
@@ -61,6 +61,26 @@ def oracle_moe_experts(
     """The same function in float64 on the CPU, the ground truth for tests: every expert runs densely
     over all tokens and a (T, E) routing-weight matrix picks the result, so it shares no gather,
     sort or index_add with the kernels or with the naive loop. Returns float64 (T, H)."""
+    return _dense_oracle(x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared)
+
+
+def oracle_magnitude(
+    x: torch.Tensor,  # (T, H)
+    topk_weights: torch.Tensor,  # (T, K)
+    topk_ids: torch.Tensor,  # (T, K)
+    gate_up_proj: torch.Tensor,  # (E, 2I, H)
+    down_proj: torch.Tensor,  # (E, H, I)
+    *shared: torch.Tensor | None,
+) -> torch.Tensor:
+    """The oracle over absolute values, with |g| for silu(g) (|silu(g)| <= |g|): a bound on the
+    size of the terms each output sums. Rounding error scales with it, not with the output, so
+    `norm(magnitude) / norm(output)` says how much cancellation a problem has. Float64 (T, H)."""
+    absolute = [t.abs() if t is not None else None for t in (x, topk_weights, gate_up_proj, down_proj, *shared)]
+    x, topk_weights, gate_up_proj, down_proj, *shared = absolute
+    return _dense_oracle(x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared, activation=torch.abs)
+
+
+def _dense_oracle(x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared, activation=F.silu):
     f64 = {"dtype": torch.float64, "device": "cpu"}
     x, gate_up_proj, down_proj = (t.to(**f64) for t in (x, gate_up_proj, down_proj))
     E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
@@ -71,9 +91,9 @@ def oracle_moe_experts(
     out = torch.zeros(T, x.shape[1], **f64)
     for expert in range(E):
         w = gate_up_proj[expert]
-        out += dense_weights[:, expert, None] * _mlp(x, w[:I], w[I:], down_proj[expert])
+        out += dense_weights[:, expert, None] * _mlp(x, w[:I], w[I:], down_proj[expert], activation)
     if shared and shared[0] is not None:
-        out += _mlp(x, *(t.to(**f64) for t in shared))
+        out += _mlp(x, *(t.to(**f64) for t in shared), activation)
     return out
 
 

@@ -1,7 +1,7 @@
 """Routing metadata: the (token, slot) rows grouped by expert, and the tile map the kernels walk.
 
-Built from ``topk_ids`` with device-side torch ops only (sort, scatter_add, cumsum, searchsorted):
-no host synchronisation, so a forward pass stays CUDA-graph capturable.
+Built from ``topk_ids`` by two Triton launches (kernels/_routing.py) with no host
+synchronisation, so a forward pass stays CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -69,34 +69,53 @@ def build_routing_metadata(
     num_experts: int,
     block_m: int,
 ) -> RoutingMetadata:
-    """Group the T*K slots by expert and cut each expert's rows into tiles of `block_m`."""
+    """Group the T*K slots by expert (stable: slot order within an expert) and cut each expert's
+    rows into tiles of `block_m`. Three small Triton launches, no host synchronisation."""
+    import triton
+
+    from ._interpret import interpreter_active
+    from .kernels._routing import _chunk_histogram_kernel, _chunk_scan_kernel, _scatter_rows_kernel
+
     device = topk_ids.device
+    if device.type != "cuda" and not interpreter_active():
+        raise ValueError(
+            f"topk_ids is on {device}: the routing-metadata kernels need a CUDA device, or "
+            "TRITON_INTERPRET=1 set before triton is imported to run them in the interpreter"
+        )
     T, K = topk_ids.shape
     num_rows = T * K
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    # Stable, so rows of one expert stay in slot order: the result is deterministic.
-    order = torch.sort(ids, stable=True)[1]
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, ids, torch.ones_like(ids))
-    zero = torch.zeros(1, dtype=torch.int64, device=device)
-    expert_offsets = torch.cat([zero, counts.cumsum(0)])
-    tile_offsets = torch.cat([zero, ((counts + block_m - 1) // block_m).cumsum(0)])
-
-    tile = torch.arange(max_routed_tiles(num_rows, num_experts, block_m), device=device)
-    tile_expert = torch.searchsorted(tile_offsets[1:], tile, right=True)
-    is_real = tile < tile_offsets[-1]
-    expert = tile_expert.clamp(max=num_experts - 1)
-    tile_row_start = expert_offsets[expert] + (tile - tile_offsets[expert]) * block_m
-
-    slot_to_row = torch.empty_like(order)
-    slot_to_row[order] = torch.arange(num_rows, device=device)
-    int32 = torch.int32
-    return RoutingMetadata(
+    max_tiles = max_routed_tiles(num_rows, num_experts, block_m)
+    int32 = {"dtype": torch.int32, "device": device}
+    metadata = RoutingMetadata(
         num_experts=num_experts,
         top_k=K,
         block_m=block_m,
-        sorted_slot=order.to(int32),
-        slot_to_row=slot_to_row.to(int32),
-        expert_offsets=expert_offsets.to(int32),
-        tile_expert=torch.where(is_real, tile_expert, PAD_EXPERT).to(int32),
-        tile_row_start=torch.where(is_real, tile_row_start, num_rows).to(int32),
+        sorted_slot=torch.empty(num_rows, **int32),
+        slot_to_row=torch.empty(num_rows, **int32),
+        expert_offsets=(torch.zeros if num_rows == 0 else torch.empty)(num_experts + 1, **int32),
+        tile_expert=torch.empty(max_tiles, **int32),
+        tile_row_start=torch.empty(max_tiles, **int32),
     )
+    if num_rows == 0:
+        return metadata
+    # reshape can return a strided view (e.g. of topk_ids[:, :1]); the kernels read stride 1.
+    ids = topk_ids.reshape(-1).contiguous()
+    # Chunks of 128 slots: a chunk ranks its slots by a 128 x 128 comparison in registers.
+    block_r = max(16, min(128, triton.next_power_of_2(num_rows)))
+    num_chunks = triton.cdiv(num_rows, block_r)
+    num_bins = triton.next_power_of_2(num_experts + 1)  # + the past-the-end bin
+    block_t = 32
+    chunk_counts = torch.empty(num_chunks, num_bins, **int32)
+    tile_offsets = torch.empty(num_bins, **int32)
+    _chunk_histogram_kernel[(num_chunks,)](ids, chunk_counts, num_rows, num_experts, BLOCK_R=block_r, NUM_BINS=num_bins)
+    _chunk_scan_kernel[(1,)](
+        chunk_counts, metadata.expert_offsets, tile_offsets, num_experts, num_chunks, block_m,
+        NUM_BINS=num_bins, CHUNKS_PER_STEP=max(1, 8192 // num_bins), num_warps=8,
+    )  # fmt: skip
+    _scatter_rows_kernel[(max(num_chunks, triton.cdiv(max_tiles, block_t)),)](
+        ids, chunk_counts, metadata.expert_offsets, tile_offsets,
+        metadata.sorted_slot, metadata.slot_to_row, metadata.tile_expert, metadata.tile_row_start,
+        num_rows, num_experts, num_chunks, max_tiles, block_m,
+        PAD_EXPERT=PAD_EXPERT, BLOCK_R=block_r, NUM_BINS=num_bins, BLOCK_T=block_t,
+    )  # fmt: skip
+    return metadata

@@ -17,6 +17,11 @@ TINY = dict(
 )  # fmt: skip
 
 
+def _model_dtype(device) -> torch.dtype:
+    """bf16 where it runs natively; fp32 in the interpreter (it cannot multiply bf16)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def _tiny_model(kind: str, device, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "v3":
@@ -34,7 +39,7 @@ def _tiny_model(kind: str, device, seed: int = 0):
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(std=0.1)
-    return model.to(device).eval()
+    return model.to(device=device, dtype=_model_dtype(device)).eval()
 
 
 @pytest.mark.parametrize("kind", ["v3", "v2"])
@@ -51,7 +56,7 @@ def test_patched_model_gives_same_logits_and_tokens(device, kind):
     with torch.no_grad():
         after = model(ids).logits
         generated_after = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
-    assert error_stats(after, before).within(TOLERANCES[torch.float32])
+    assert error_stats(after, before).within(TOLERANCES[_model_dtype(device)])
     assert torch.equal(generated_after, generated_before)
 
 
@@ -72,8 +77,10 @@ def test_training_step_updates_the_original_parameters(device, kind):
             assert p.grad is None or not p.grad.any(), name
             continue
         stats = error_stats(p.grad, want)
-        # fp32 gradients through two decoder layers: 1e-4 relative in norm (the MoE sums in another order).
-        assert stats.rel_norm < 1e-4, f"{name}: {stats}"
+        # fp32 gradients through two decoder layers: 1e-4 relative in norm (the MoE sums in another
+        # order). bf16: both models round every activation to bf16, so the table's bf16 bound.
+        bound = 1e-4 if p.dtype == torch.float32 else TOLERANCES[p.dtype].rel_norm
+        assert stats.rel_norm < bound, f"{name}: {stats}"
 
 
 def test_config_from_hf():

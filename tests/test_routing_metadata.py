@@ -52,8 +52,8 @@ def test_metadata_equals_twin_and_invariants(device, T, E, K, block_m, kind, see
     assert (covered == 1).all()
 
 
-def test_metadata_rejects_wrong_dtypes():
-    meta = build_routing_metadata(torch.tensor([[0, 1]]), 2, 16)
+def test_metadata_rejects_wrong_dtypes(device):
+    meta = build_routing_metadata(torch.tensor([[0, 1]], device=device), 2, 16)
     with pytest.raises(TypeError, match="sorted_slot"):
         RoutingMetadata(**{**meta.__dict__, "sorted_slot": meta.sorted_slot.long()})
     with pytest.raises(ValueError, match="expert_offsets"):

@@ -1,15 +1,22 @@
-"""Tile sizes for the expert kernels, chosen from the problem's shape (no autotuning yet)."""
+"""Tile sizes for the expert kernels: a tuned table per card where `make tune` measured one, else a
+heuristic from the problem's shape."""
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import triton
 
-# "block_m=16,block_n=16,..." overrides the heuristic's choice for every stage: for tuning
+# "block_m=16,block_n=16,..." overrides every other choice, for both stages: for tuning
 # experiments and for showing that the benchmark gate catches a slow configuration.
 FORCE_TILES_ENV = "DEEPSEEK_MOE_FORCE_TILES"
+# Written by tools/tune.py (`make tune`); read once per process.
+TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
 
 
 @dataclass(frozen=True)
@@ -19,6 +26,24 @@ class TileConfig:
     block_k: int  # reduction step
     num_warps: int
     num_stages: int
+
+
+@dataclass(frozen=True)
+class ExpertTiles:
+    """Both stages' tiles for one problem; they share block_m (the routing metadata's tile height)."""
+
+    gate_up: TileConfig
+    down: TileConfig
+    source: str  # "tuned (<card>)", "heuristic" or "interpreter": the benchmark prints it
+
+    @property
+    def block_m(self) -> int:
+        return self.gate_up.block_m
+
+
+def problem_key(num_experts: int, hidden_dim: int, inner_dim: int, shared_dim: int, top_k: int) -> str:
+    """Key of the tuned table: everything but the batch size that changes the best tiles."""
+    return f"E{num_experts}_H{hidden_dim}_I{inner_dim}_S{shared_dim}_K{top_k}"
 
 
 def _forced(config: TileConfig) -> TileConfig:
@@ -39,23 +64,101 @@ def _pow2_clamp(n: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(max(n, 1))))
 
 
-def choose_block_m(num_rows: int, num_experts: int, interpret: bool) -> int:
+def heuristic_tiles(block_m: int, hidden_dim: int, inner_dim: int, interpret: bool) -> ExpertTiles:
+    """Stage 1 holds two (block_m, block_n) fp32 accumulators (gate and up), stage 2 one."""
+    if interpret:  # small tiles: the interpreter's cost grows with the tile, not the grid
+        gate_up = TileConfig(block_m, _pow2_clamp(inner_dim, 16, 64), _pow2_clamp(hidden_dim, 16, 64), 4, 1)
+        down = TileConfig(block_m, _pow2_clamp(hidden_dim, 16, 64), _pow2_clamp(inner_dim, 16, 64), 4, 1)
+        return ExpertTiles(gate_up, down, "interpreter")
+    warps = 8 if block_m >= 128 else 4
+    gate_up = TileConfig(block_m, 64, 64, warps, 3)
+    down = TileConfig(block_m, 128 if block_m >= 64 else 64, 64, warps, 3)
+    return ExpertTiles(gate_up, down, "heuristic")
+
+
+def heuristic_block_m(num_rows: int, num_experts: int, interpret: bool) -> int:
     """Tile height from the mean rows per expert: small batches waste less on padded rows."""
-    block_m = 16 if interpret else _pow2_clamp(int(num_rows / num_experts), 16, 128)
-    return _forced(TileConfig(block_m, 16, 16, 4, 1)).block_m
+    return 16 if interpret else _pow2_clamp(int(num_rows / num_experts), 16, 128)
 
 
-def gate_up_tiles(block_m: int, hidden_dim: int, inner_dim: int, interpret: bool) -> TileConfig:
-    """Stage 1 holds two (block_m, block_n) fp32 accumulators: gate and up."""
-    if interpret:
-        return _forced(TileConfig(block_m, _pow2_clamp(inner_dim, 16, 64), _pow2_clamp(hidden_dim, 16, 64), 4, 1))
-    return _forced(TileConfig(block_m, 64, 64, 8 if block_m >= 128 else 4, 3))
+@functools.cache
+def _tuned_table() -> dict:
+    if not TUNED_TABLE.exists():
+        return {}
+    return json.loads(TUNED_TABLE.read_text())
 
 
-def down_tiles(block_m: int, hidden_dim: int, inner_dim: int, interpret: bool) -> TileConfig:
-    if interpret:
-        return _forced(TileConfig(block_m, _pow2_clamp(hidden_dim, 16, 64), _pow2_clamp(inner_dim, 16, 64), 4, 1))
-    return _forced(TileConfig(block_m, 128 if block_m >= 64 else 64, 64, 8 if block_m >= 128 else 4, 3))
+def select_card(table: dict, name: str, capability: str) -> tuple[str, dict]:
+    """The tuned problems for a card: its own, else a measured card of the same architecture (an
+    H200 uses the H100's: same SM count and instructions), else none (the heuristic)."""
+    cards = table.get("cards", {})
+    if name in cards:
+        return name, cards[name]["problems"]
+    for other, entry in sorted(cards.items()):
+        if entry.get("capability") == capability:
+            return other, entry["problems"]
+    return "", {}
+
+
+def nearest_batch(measured: list[str], num_tokens: int) -> str:
+    """The measured batch size nearest to `num_tokens` on a log scale (the smaller one on a tie)."""
+    target = math.log2(max(num_tokens, 1))
+    return min(measured, key=lambda n: (abs(math.log2(int(n)) - target), int(n)))
+
+
+@functools.cache
+def _device_entry() -> tuple[str, dict]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "", {}
+    capability = ".".join(map(str, torch.cuda.get_device_capability()))
+    return select_card(_tuned_table(), torch.cuda.get_device_name(), capability)
+
+
+def _tuned(num_tokens: int, key: str) -> ExpertTiles | None:
+    card, problems = _device_entry()
+    by_tokens = problems.get(key)
+    if not by_tokens:
+        return None
+    best = nearest_batch(list(by_tokens), num_tokens)
+    entry = by_tokens[best]
+    block_m = entry["block_m"]
+    return ExpertTiles(
+        TileConfig(block_m, *entry["gate_up"]), TileConfig(block_m, *entry["down"]), f"tuned ({card}, N={best})"
+    )
+
+
+def _apply_force(tiles: ExpertTiles) -> ExpertTiles:
+    if not os.environ.get(FORCE_TILES_ENV, "").strip():
+        return tiles
+    return ExpertTiles(_forced(tiles.gate_up), _forced(tiles.down), f"forced by {FORCE_TILES_ENV}")
+
+
+def expert_tiles(
+    num_tokens: int, num_experts: int, hidden_dim: int, inner_dim: int, shared_dim: int, top_k: int, interpret: bool
+) -> ExpertTiles:
+    """Tiles for both stages of one problem: tuned table, else heuristic; the env override last."""
+    # Cached: launchers ask on every call, and decode latency is host-bound.
+    force = os.environ.get(FORCE_TILES_ENV, "")
+    return _expert_tiles(num_tokens, num_experts, hidden_dim, inner_dim, shared_dim, top_k, interpret, force)
+
+
+@functools.lru_cache(maxsize=4096)
+def _expert_tiles(num_tokens, num_experts, hidden_dim, inner_dim, shared_dim, top_k, interpret, force) -> ExpertTiles:
+    key = problem_key(num_experts, hidden_dim, inner_dim, shared_dim, top_k)
+    tiles = None if interpret else _tuned(num_tokens, key)
+    if tiles is None:
+        block_m = heuristic_block_m(num_tokens * top_k, num_experts, interpret)
+        tiles = heuristic_tiles(block_m, hidden_dim, max(inner_dim, shared_dim), interpret)
+    return _apply_force(tiles)
+
+
+def tiles_for_block_m(block_m: int, hidden_dim: int, inner_dim: int, interpret: bool) -> ExpertTiles:
+    """For routing metadata cut with a tile height the table did not pick (built by a caller)."""
+    tiles = _apply_force(heuristic_tiles(block_m, hidden_dim, inner_dim, interpret))
+    # The metadata's tile height is fixed: a forced block_m cannot apply to it.
+    return ExpertTiles(replace(tiles.gate_up, block_m=block_m), replace(tiles.down, block_m=block_m), tiles.source)
 
 
 def combine_block_h(hidden_dim: int) -> int:

@@ -102,10 +102,31 @@ def _kernel_flags(dtype: torch.dtype) -> dict:
     )
 
 
-def routing_metadata_for(topk_ids: torch.Tensor, num_experts: int) -> RoutingMetadata:
-    """Metadata cut for the tile height the kernels will pick for this batch."""
-    block_m = _tiles.choose_block_m(topk_ids.numel(), num_experts, interpreter_active())
-    return build_routing_metadata(topk_ids, num_experts, block_m)
+def tiles_for(num_tokens: int, weights: ExpertWeights, top_k: int) -> _tiles.ExpertTiles:
+    """Both stages' tiles for this batch: tuned table for this card, else heuristic."""
+    return _tiles.expert_tiles(
+        num_tokens, weights.num_experts, weights.hidden_dim, weights.intermediate_dim, weights.shared_dim, top_k,
+        interpreter_active(),
+    )  # fmt: skip
+
+
+def routing_metadata_for(
+    topk_ids: torch.Tensor, weights: ExpertWeights, tiles: _tiles.ExpertTiles | None = None
+) -> RoutingMetadata:
+    """Metadata cut for the tile height the kernels will pick for this batch (or for `tiles`)."""
+    T, K = topk_ids.shape
+    block_m = (tiles or tiles_for(T, weights, K)).block_m
+    return build_routing_metadata(topk_ids, weights.num_experts, block_m)
+
+
+def _checked_tiles(
+    num_tokens: int, weights: ExpertWeights, metadata: RoutingMetadata, tiles: _tiles.ExpertTiles | None
+) -> _tiles.ExpertTiles:
+    tiles = tiles or tiles_for(num_tokens, weights, metadata.top_k)
+    if tiles.block_m != metadata.block_m:  # metadata a caller cut for another tile height
+        H, inner = weights.hidden_dim, max(weights.intermediate_dim, weights.shared_dim)
+        tiles = _tiles.tiles_for_block_m(metadata.block_m, H, inner, interpreter_active())
+    return tiles
 
 
 def gate_up_swiglu(
@@ -115,6 +136,7 @@ def gate_up_swiglu(
     *,
     routed: bool = True,
     shared: bool = True,
+    tiles: _tiles.ExpertTiles | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Stage 1: ``h_routed`` (T*K, I) in expert-sorted row order and ``h_shared`` (T, S).
 
@@ -127,7 +149,7 @@ def gate_up_swiglu(
     shared = shared and weights.has_shared
     h_routed = new_output(x, (metadata.num_rows, I)) if routed else None
     h_shared = new_output(x, (T, S)) if shared else None
-    tiles = _tiles.gate_up_tiles(metadata.block_m, H, max(I, S), interpreter_active())
+    tiles = _checked_tiles(T, weights, metadata, tiles).gate_up
     bm, bn = tiles.block_m, tiles.block_n
     num_programs = (metadata.max_tiles * triton.cdiv(I, bn) if routed else 0) + (
         triton.cdiv(T, bm) * triton.cdiv(S, bn) if shared else 0
@@ -164,6 +186,7 @@ def down_proj(
     *,
     routed: bool = True,
     shared: bool = True,
+    tiles: _tiles.ExpertTiles | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Stage 2: ``y_routed`` (T, K, H), each slot's expert output times its routing weight, and
     ``y_shared`` (T, H); a part that is not computed is returned as None."""
@@ -173,7 +196,7 @@ def down_proj(
     like = h_routed if routed else h_shared
     y_routed = new_output(like, (T, K, H)) if routed else None
     y_shared = new_output(like, (T, H)) if shared else None
-    tiles = _tiles.down_tiles(metadata.block_m, H, max(I, S), interpreter_active())
+    tiles = _checked_tiles(T, weights, metadata, tiles).down
     bm, bn = tiles.block_m, tiles.block_n
     n_tiles_h = triton.cdiv(H, bn)
     num_programs = (metadata.max_tiles * n_tiles_h if routed else 0) + (triton.cdiv(T, bm) * n_tiles_h if shared else 0)
@@ -228,7 +251,7 @@ def moe_experts_forward(
     """Unchecked three-stage expert forward (callers validate). `fuse_shared=False` launches the
     shared MLP separately from the routed experts: the ablation that shows what fusing buys."""
     if metadata is None:
-        metadata = routing_metadata_for(topk_ids, weights.num_experts)
+        metadata = routing_metadata_for(topk_ids, weights)
     if fuse_shared or not weights.has_shared:
         h_routed, h_shared = gate_up_swiglu(x, weights, metadata)
         y_routed, y_shared = down_proj(h_routed, h_shared, topk_weights, weights, metadata)

@@ -1,0 +1,119 @@
+"""Routing metadata in three small launches (a stable counting sort by expert plus the tile map).
+
+It replaces ~16 torch ops (sort, scatter_add, cumsums, searchsorted) that cost more than the
+expert GEMMs themselves in decode. The slots are cut into chunks of BLOCK_R; a slot's sorted row is
+its expert's first row + the count of that expert in earlier chunks + its rank among the chunk's
+slots of that expert, so rows of one expert stay in slot order (a stable sort, deterministic).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_histogram_kernel(
+    topk_ids_ptr,  # (T*K,) int32/int64: expert of each slot
+    chunk_counts_ptr,  # (num_chunks, NUM_BINS) int32 out: slots of each expert in each chunk
+    num_rows,
+    num_experts,
+    BLOCK_R: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+):
+    """Grid: (num_chunks,); one program owns BLOCK_R consecutive slots. Bin `num_experts`
+    collects the slots past the end, so no bin sees an out-of-range value."""
+    chunk = tl.program_id(0)
+    offs = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+    ids = tl.load(topk_ids_ptr + offs, mask=offs < num_rows, other=num_experts).to(tl.int32)
+    counts = tl.histogram(ids, NUM_BINS)
+    tl.store(chunk_counts_ptr + chunk * NUM_BINS + tl.arange(0, NUM_BINS), counts)
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    chunk_counts_ptr,  # (num_chunks, NUM_BINS) int32 in: counts; out: first row of each (chunk, expert)
+    expert_offsets_ptr,  # (E+1,) int32 out: first sorted row of each expert
+    tile_offsets_ptr,  # (NUM_BINS,) int32 out: first tile of each expert
+    num_experts,
+    num_chunks,
+    block_m,
+    NUM_BINS: tl.constexpr,
+    CHUNKS_PER_STEP: tl.constexpr,
+):
+    """Grid: (1,). Two passes over the (num_chunks, NUM_BINS) counts: expert totals, then each
+    chunk's base row per expert, written over its counts."""
+    bins = tl.arange(0, NUM_BINS)
+    total = tl.zeros((NUM_BINS,), dtype=tl.int32)
+    for c0 in range(0, num_chunks, CHUNKS_PER_STEP):
+        chunks = c0 + tl.arange(0, CHUNKS_PER_STEP)
+        ptrs = chunk_counts_ptr + chunks[:, None] * NUM_BINS + bins[None, :]
+        total += tl.sum(tl.load(ptrs, mask=chunks[:, None] < num_chunks, other=0), axis=0)
+    total = tl.where(bins < num_experts, total, 0)  # drop the past-the-end bin
+    expert_start = tl.cumsum(total, axis=0) - total
+    tl.store(expert_offsets_ptr + bins, expert_start, mask=bins < num_experts)
+    tl.store(expert_offsets_ptr + num_experts, tl.sum(total, axis=0))
+    tiles = (total + block_m - 1) // block_m
+    tl.store(tile_offsets_ptr + bins, tl.cumsum(tiles, axis=0) - tiles)
+    running = expert_start
+    for c0 in range(0, num_chunks, CHUNKS_PER_STEP):
+        chunks = c0 + tl.arange(0, CHUNKS_PER_STEP)
+        ptrs = chunk_counts_ptr + chunks[:, None] * NUM_BINS + bins[None, :]
+        mask = chunks[:, None] < num_chunks
+        counts = tl.load(ptrs, mask=mask, other=0)
+        inclusive = tl.cumsum(counts, axis=0)
+        tl.store(ptrs, running[None, :] + inclusive - counts, mask=mask)
+        running += tl.sum(counts, axis=0)
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    topk_ids_ptr,  # (T*K,) int32/int64
+    chunk_base_ptr,  # (num_chunks, NUM_BINS) int32: first row of each (chunk, expert)
+    expert_offsets_ptr,  # (E+1,) int32
+    tile_offsets_ptr,  # (NUM_BINS,) int32: first tile of each expert
+    sorted_slot_ptr,  # (T*K,) int32 out: slot of each expert-sorted row
+    slot_to_row_ptr,  # (T*K,) int32 out: sorted row of each slot
+    tile_expert_ptr,  # (max_tiles,) int32 out: expert of each tile, PAD_EXPERT past the last
+    tile_row_start_ptr,  # (max_tiles,) int32 out: first row of each tile, T*K past the last
+    num_rows,
+    num_experts,
+    num_chunks,
+    max_tiles,
+    block_m,
+    PAD_EXPERT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Grid: (max(num_chunks, cdiv(max_tiles, BLOCK_T)),). Program p places the slots of chunk p
+    (if it exists) and writes tiles [p*BLOCK_T, (p+1)*BLOCK_T) of the tile map (if they exist)."""
+    pid = tl.program_id(0)
+    if pid < num_chunks:
+        local = tl.arange(0, BLOCK_R)
+        slots = pid * BLOCK_R + local
+        real = slots < num_rows
+        ids = tl.load(topk_ids_ptr + slots, mask=real, other=num_experts).to(tl.int32)
+        # Rank among the chunk's earlier slots of the same expert: a BLOCK_R^2 comparison, cheaper
+        # than a sort at this size and exact.
+        earlier = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
+        rank = tl.sum(earlier.to(tl.int32), axis=1)
+        row = tl.load(chunk_base_ptr + pid * NUM_BINS + ids, mask=real, other=0) + rank
+        tl.store(sorted_slot_ptr + row, slots, mask=real)
+        tl.store(slot_to_row_ptr + slots, row, mask=real)
+
+    if pid * BLOCK_T < max_tiles:
+        bins = tl.arange(0, NUM_BINS)
+        tiles = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        is_expert = bins < num_experts
+        expert_start = tl.load(expert_offsets_ptr + bins, mask=is_expert, other=0)
+        expert_end = tl.load(expert_offsets_ptr + bins + 1, mask=is_expert, other=0)
+        tile_start = tl.load(tile_offsets_ptr + bins)
+        tile_end = tile_start + (expert_end - expert_start + block_m - 1) // block_m
+        # Tile t belongs to the expert whose [tile_start, tile_end) holds it; empty experts hold none.
+        owns = (tile_start[None, :] <= tiles[:, None]) & (tiles[:, None] < tile_end[None, :]) & is_expert[None, :]
+        first_row = expert_start[None, :] + (tiles[:, None] - tile_start[None, :]) * block_m
+        tile_expert = tl.sum(tl.where(owns, bins[None, :], 0), axis=1)
+        tile_row_start = tl.sum(tl.where(owns, first_row, 0), axis=1)
+        is_real = tl.sum(owns.to(tl.int32), axis=1) > 0
+        in_range = tiles < max_tiles
+        tl.store(tile_expert_ptr + tiles, tl.where(is_real, tile_expert, PAD_EXPERT), mask=in_range)
+        tl.store(tile_row_start_ptr + tiles, tl.where(is_real, tile_row_start, num_rows), mask=in_range)

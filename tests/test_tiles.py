@@ -1,0 +1,84 @@
+"""Tile choice: the tuned table's lookup, its fallbacks, and the env override."""
+
+import json
+
+import pytest
+import torch
+
+from deepseek_moe_fused.kernels import _tiles
+from deepseek_moe_fused.kernels.launch import ExpertWeights, gate_up_swiglu
+from deepseek_moe_fused.routing_metadata import build_routing_metadata
+from deepseek_moe_fused.testing import make_moe_inputs
+
+TABLE = {
+    "cards": {
+        "NVIDIA H100 80GB HBM3": {"capability": "9.0", "problems": {"E8_H64_I32_S0_K2": {}}},
+        "NVIDIA A100-SXM4-80GB": {"capability": "8.0", "problems": {}},
+    }
+}
+
+
+def test_card_falls_back_to_its_architecture_then_to_none():
+    assert _tiles.select_card(TABLE, "NVIDIA H100 80GB HBM3", "9.0")[0] == "NVIDIA H100 80GB HBM3"
+    # An H200 (same architecture, same SM count) borrows the H100's measurements.
+    assert _tiles.select_card(TABLE, "NVIDIA H200", "9.0")[0] == "NVIDIA H100 80GB HBM3"
+    assert _tiles.select_card(TABLE, "NVIDIA GeForce RTX 4070", "8.9") == ("", {})
+    assert _tiles.select_card({}, "NVIDIA H100 80GB HBM3", "9.0") == ("", {})
+
+
+@pytest.mark.parametrize(
+    "num_tokens, expected",
+    [
+        (1, "1"),
+        (0, "1"),  # empty batch: the smallest entry
+        (3, "4"),  # log2 3 = 1.58: nearer log2 4 than log2 2
+        (8, "4"),  # exactly between 4 and 16 on a log scale: the smaller
+        (12, "16"),
+        (100000, "16384"),  # past the last entry: the last
+    ],
+)
+def test_nearest_batch_on_a_log_scale(num_tokens, expected):
+    measured = ["1", "2", "4", "16", "16384"]
+    assert _tiles.nearest_batch(measured, num_tokens) == expected
+
+
+def test_table_file_is_well_formed():
+    """Every tuned entry names a block_m and two (block_n, block_k, num_warps, num_stages) configs."""
+    if not _tiles.TUNED_TABLE.exists():
+        pytest.skip("no tuned table committed yet (make tune on a GPU writes it)")
+    table = json.loads(_tiles.TUNED_TABLE.read_text())
+    for card, entry in table["cards"].items():
+        assert entry["capability"].count(".") == 1, card
+        for key, by_tokens in entry["problems"].items():
+            for n, tiles in by_tokens.items():
+                assert int(n) >= 1
+                for stage in ("gate_up", "down"):
+                    assert len(tiles[stage]) == 4, (card, key, n, stage)
+                # Block sizes and warp counts are powers of two (tl.arange, tl.dot); stages need not be.
+                values = [tiles["block_m"], *tiles["gate_up"][:3], *tiles["down"][:3]]
+                assert all(v > 0 and v & (v - 1) == 0 for v in values), (card, key, n, values)
+
+
+def test_metadata_cut_for_another_tile_height_still_runs(device):
+    """Metadata a caller built with its own block_m gets tiles of that height, not the table's."""
+    from deepseek_moe_fused import MoEConfig
+
+    config = MoEConfig(hidden_dim=24, intermediate_dim=20, num_experts=5, top_k=2, dtype=torch.float32)
+    inputs = make_moe_inputs(config, 9, device=device)
+    w: ExpertWeights = inputs.weights
+    metadata = build_routing_metadata(inputs.topk_ids, w.num_experts, block_m=32)
+    h_routed, _ = gate_up_swiglu(inputs.x, w, metadata)
+    gate, up = w.gate_up_proj[:, :20], w.gate_up_proj[:, 20:]
+    rows = metadata.sorted_slot.long()
+    tokens, experts = rows // 2, inputs.topk_ids.reshape(-1)[rows].long()
+    x = inputs.x[tokens]
+    want = torch.nn.functional.silu(torch.einsum("rh,rih->ri", x, gate[experts])) * torch.einsum(
+        "rh,rih->ri", x, up[experts]
+    )
+    torch.testing.assert_close(h_routed, want, rtol=1e-5, atol=1e-5)
+
+
+def test_forced_tiles_reject_unknown_names(monkeypatch):
+    monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_q=3")
+    with pytest.raises(ValueError, match="DEEPSEEK_MOE_FORCE_TILES"):
+        _tiles.expert_tiles(120, 7, 33, 17, 0, 3, interpret=False)
