@@ -1,6 +1,6 @@
 """Routing metadata: the (token, slot) rows grouped by expert, and the tile map the kernels walk.
 
-Built from ``topk_ids`` by two Triton launches (kernels/_routing.py) with no host
+Built from ``topk_ids`` by one to three Triton launches (kernels/_routing.py) with no host
 synchronisation, so a forward pass stays CUDA-graph capturable.
 """
 
@@ -70,7 +70,7 @@ def build_routing_metadata(
     block_m: int,
 ) -> RoutingMetadata:
     """Group the T*K slots by expert (stable: slot order within an expert) and cut each expert's
-    rows into tiles of `block_m`. Three small Triton launches, no host synchronisation."""
+    rows into tiles of `block_m`. One to three small Triton launches, no host synchronisation."""
     import triton
 
     from ._interpret import interpreter_active
@@ -105,17 +105,22 @@ def build_routing_metadata(
     num_chunks = triton.cdiv(num_rows, block_r)
     num_bins = triton.next_power_of_2(num_experts + 1)  # + the past-the-end bin
     block_t = 32
-    chunk_counts = torch.empty(num_chunks, num_bins, **int32)
-    tile_offsets = torch.empty(num_bins, **int32)
-    _chunk_histogram_kernel[(num_chunks,)](ids, chunk_counts, num_rows, num_experts, BLOCK_R=block_r, NUM_BINS=num_bins)
-    _chunk_scan_kernel[(1,)](
-        chunk_counts, metadata.expert_offsets, tile_offsets, num_experts, num_chunks, block_m,
-        NUM_BINS=num_bins, CHUNKS_PER_STEP=max(1, 8192 // num_bins), num_warps=8,
-    )  # fmt: skip
+    single_chunk = num_chunks == 1
+    # Scratch: per-chunk counts, overwritten by each chunk's first row per expert; first tiles.
+    chunk_counts = torch.empty(1 if single_chunk else num_chunks * num_bins, **int32)  # 1: a real pointer
+    tile_offsets = torch.empty(1 if single_chunk else num_bins, **int32)
+    if not single_chunk:
+        _chunk_histogram_kernel[(num_chunks,)](
+            ids, chunk_counts, num_rows, num_experts, BLOCK_R=block_r, NUM_BINS=num_bins
+        )  # fmt: skip
+        _chunk_scan_kernel[(1,)](
+            chunk_counts, metadata.expert_offsets, tile_offsets, num_experts, num_chunks, block_m,
+            NUM_BINS=num_bins, CHUNKS_PER_STEP=max(1, 8192 // num_bins), num_warps=8,
+        )  # fmt: skip
     _scatter_rows_kernel[(max(num_chunks, triton.cdiv(max_tiles, block_t)),)](
         ids, chunk_counts, metadata.expert_offsets, tile_offsets,
         metadata.sorted_slot, metadata.slot_to_row, metadata.tile_expert, metadata.tile_row_start,
         num_rows, num_experts, num_chunks, max_tiles, block_m,
-        PAD_EXPERT=PAD_EXPERT, BLOCK_R=block_r, NUM_BINS=num_bins, BLOCK_T=block_t,
+        PAD_EXPERT=PAD_EXPERT, BLOCK_R=block_r, NUM_BINS=num_bins, BLOCK_T=block_t, SINGLE_CHUNK=single_chunk,
     )  # fmt: skip
     return metadata

@@ -1,4 +1,5 @@
-"""Routing metadata in three small launches (a stable counting sort by expert plus the tile map).
+"""Routing metadata in three small launches (a stable counting sort by expert plus the tile map),
+or one where all slots fit one chunk (decode).
 
 It replaces ~16 torch ops (sort, scatter_add, cumsums, searchsorted) that cost more than the
 expert GEMMs themselves in decode. The slots are cut into chunks of BLOCK_R; a slot's sorted row is
@@ -67,9 +68,9 @@ def _chunk_scan_kernel(
 @triton.jit
 def _scatter_rows_kernel(
     topk_ids_ptr,  # (T*K,) int32/int64
-    chunk_base_ptr,  # (num_chunks, NUM_BINS) int32: first row of each (chunk, expert)
-    expert_offsets_ptr,  # (E+1,) int32
-    tile_offsets_ptr,  # (NUM_BINS,) int32: first tile of each expert
+    chunk_base_ptr,  # (num_chunks, NUM_BINS) int32: first row of each (chunk, expert); unread if SINGLE_CHUNK
+    expert_offsets_ptr,  # (E+1,) int32: read, or written here if SINGLE_CHUNK
+    tile_offsets_ptr,  # (NUM_BINS,) int32: first tile of each expert; unread if SINGLE_CHUNK
     sorted_slot_ptr,  # (T*K,) int32 out: slot of each expert-sorted row
     slot_to_row_ptr,  # (T*K,) int32 out: sorted row of each slot
     tile_expert_ptr,  # (max_tiles,) int32 out: expert of each tile, PAD_EXPERT past the last
@@ -83,37 +84,74 @@ def _scatter_rows_kernel(
     BLOCK_R: tl.constexpr,
     NUM_BINS: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
 ):
     """Grid: (max(num_chunks, cdiv(max_tiles, BLOCK_T)),). Program p places the slots of chunk p
-    (if it exists) and writes tiles [p*BLOCK_T, (p+1)*BLOCK_T) of the tile map (if they exist)."""
-    pid = tl.program_id(0)
-    if pid < num_chunks:
-        local = tl.arange(0, BLOCK_R)
-        slots = pid * BLOCK_R + local
-        real = slots < num_rows
-        ids = tl.load(topk_ids_ptr + slots, mask=real, other=num_experts).to(tl.int32)
-        # Rank among the chunk's earlier slots of the same expert: a BLOCK_R^2 comparison, cheaper
-        # than a sort at this size and exact.
-        earlier = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])
-        rank = tl.sum(earlier.to(tl.int32), axis=1)
-        row = tl.load(chunk_base_ptr + pid * NUM_BINS + ids, mask=real, other=0) + rank
-        tl.store(sorted_slot_ptr + row, slots, mask=real)
-        tl.store(slot_to_row_ptr + slots, row, mask=real)
+    (if it exists) and writes tiles [p*BLOCK_T, (p+1)*BLOCK_T) of the tile map (if they exist).
 
-    if pid * BLOCK_T < max_tiles:
-        bins = tl.arange(0, NUM_BINS)
-        tiles = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-        is_expert = bins < num_experts
+    SINGLE_CHUNK (all slots fit one chunk, as in decode): each program counts the slots itself, so
+    this is the only launch: no histogram or scan launch before it.
+    """
+    pid = tl.program_id(0)
+    bins = tl.arange(0, NUM_BINS)
+    is_expert = bins < num_experts
+    if SINGLE_CHUNK:
+        local = tl.arange(0, BLOCK_R)
+        ids = tl.load(topk_ids_ptr + local, mask=local < num_rows, other=num_experts).to(tl.int32)
+        total = tl.where(is_expert, tl.histogram(ids, NUM_BINS), 0)
+        expert_start = tl.cumsum(total, axis=0) - total
+        expert_end = expert_start + total
+        tiles_per_expert = (total + block_m - 1) // block_m
+        tile_start = tl.cumsum(tiles_per_expert, axis=0) - tiles_per_expert
+        if pid == 0:
+            tl.store(expert_offsets_ptr + bins, expert_start, mask=is_expert)
+            tl.store(expert_offsets_ptr + num_experts, num_rows)
+            # A slot's row: its expert's first row (picked by a one-hot sum) + its rank.
+            base = tl.sum(tl.where(ids[:, None] == bins[None, :], expert_start[None, :], 0), axis=1)
+            _place_chunk(ids, local, base, sorted_slot_ptr, slot_to_row_ptr, num_rows)
+    else:
+        if pid < num_chunks:
+            local = tl.arange(0, BLOCK_R)
+            slots = pid * BLOCK_R + local
+            ids = tl.load(topk_ids_ptr + slots, mask=slots < num_rows, other=num_experts).to(tl.int32)
+            base = tl.load(chunk_base_ptr + pid * NUM_BINS + ids, mask=slots < num_rows, other=0)
+            _place_chunk(ids, slots, base, sorted_slot_ptr, slot_to_row_ptr, num_rows)
         expert_start = tl.load(expert_offsets_ptr + bins, mask=is_expert, other=0)
         expert_end = tl.load(expert_offsets_ptr + bins + 1, mask=is_expert, other=0)
         tile_start = tl.load(tile_offsets_ptr + bins)
-        tile_end = tile_start + (expert_end - expert_start + block_m - 1) // block_m
-        # Tile t belongs to the expert whose [tile_start, tile_end) holds it; empty experts hold none.
-        owns = (tile_start[None, :] <= tiles[:, None]) & (tiles[:, None] < tile_end[None, :]) & is_expert[None, :]
-        first_row = expert_start[None, :] + (tiles[:, None] - tile_start[None, :]) * block_m
-        tile_expert = tl.sum(tl.where(owns, bins[None, :], 0), axis=1)
-        tile_row_start = tl.sum(tl.where(owns, first_row, 0), axis=1)
-        is_real = tl.sum(owns.to(tl.int32), axis=1) > 0
-        in_range = tiles < max_tiles
-        tl.store(tile_expert_ptr + tiles, tl.where(is_real, tile_expert, PAD_EXPERT), mask=in_range)
-        tl.store(tile_row_start_ptr + tiles, tl.where(is_real, tile_row_start, num_rows), mask=in_range)
+    if pid * BLOCK_T < max_tiles:
+        _write_tile_map(
+            pid, bins, is_expert, expert_start, expert_end, tile_start, tile_expert_ptr, tile_row_start_ptr,
+            num_rows, max_tiles, block_m, PAD_EXPERT, BLOCK_T,
+        )  # fmt: skip
+
+
+@triton.jit
+def _place_chunk(ids, slots, base, sorted_slot_ptr, slot_to_row_ptr, num_rows):
+    """Write the rows of one chunk's slots: `base` (each slot's expert's first row for this chunk)
+    + the slot's rank among the chunk's earlier slots of the same expert. The rank is a BLOCK_R^2
+    comparison in registers: cheaper than a sort at this size, and exact."""
+    earlier = (ids[:, None] == ids[None, :]) & (slots[None, :] < slots[:, None])
+    row = base + tl.sum(earlier.to(tl.int32), axis=1)
+    real = slots < num_rows
+    tl.store(sorted_slot_ptr + row, slots, mask=real)
+    tl.store(slot_to_row_ptr + slots, row, mask=real)
+
+
+@triton.jit
+def _write_tile_map(
+    pid, bins, is_expert, expert_start, expert_end, tile_start, tile_expert_ptr, tile_row_start_ptr,
+    num_rows, max_tiles, block_m, PAD_EXPERT: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Tiles [pid*BLOCK_T, (pid+1)*BLOCK_T): tile t belongs to the expert whose
+    [tile_start, tile_end) holds it (empty experts hold none); past the last, the padding values."""
+    tiles = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tile_end = tile_start + (expert_end - expert_start + block_m - 1) // block_m
+    owns = (tile_start[None, :] <= tiles[:, None]) & (tiles[:, None] < tile_end[None, :]) & is_expert[None, :]
+    first_row = expert_start[None, :] + (tiles[:, None] - tile_start[None, :]) * block_m
+    tile_expert = tl.sum(tl.where(owns, bins[None, :], 0), axis=1)
+    tile_row_start = tl.sum(tl.where(owns, first_row, 0), axis=1)
+    is_real = tl.sum(owns.to(tl.int32), axis=1) > 0
+    in_range = tiles < max_tiles
+    tl.store(tile_expert_ptr + tiles, tl.where(is_real, tile_expert, PAD_EXPERT), mask=in_range)
+    tl.store(tile_row_start_ptr + tiles, tl.where(is_real, tile_row_start, num_rows), mask=in_range)
