@@ -2,8 +2,10 @@
 gradient. gloo with 2 and 3 CPU processes (kernels in the interpreter) in the CPU tier; NCCL with
 one process per GPU (2 or more GPUs) in the GPU tier."""
 
+import faulthandler
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -19,6 +21,19 @@ from deepseek_moe_fused.kernels.launch import ExpertWeights
 from deepseek_moe_fused.testing import TOLERANCES, error_stats, make_activations, make_moe_inputs
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+# One example's processes must finish within this: a collective that never completes fails the test.
+SPAWN_TIMEOUT_S = 120
+
+
+def _spawn(world, backend, *args):
+    with tempfile.TemporaryDirectory() as tmp:
+        context = mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), backend, *args), nprocs=world, join=False)
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"{backend} expert-parallel ranks did not finish in {SPAWN_TIMEOUT_S} s (hung collective?)")
 
 
 def _close(got, want, what):
@@ -34,11 +49,15 @@ def _grad_close(got, want, what):
 
 
 def _worker(rank, world, init_file, backend, config, tokens, kind, seed):
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A rank stuck in a collective prints every thread's stack before the parent gives up on it.
+    faulthandler.dump_traceback_later(SPAWN_TIMEOUT_S - 10, exit=True)
     device = torch.device("cpu")
+    extra = {}
     if backend == "nccl":
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
+        extra["device_id"] = device  # bind the communicator to this rank's GPU up front
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world, **extra)
     try:
         _check_layer(rank, world, config, tokens, seed, device)
         _check_given_routing(rank, world, config, tokens, kind, seed, device)
@@ -112,8 +131,7 @@ def test_expert_parallel_equals_single_process(case):
     if torch.cuda.is_available():
         pytest.skip("the gloo CPU test runs the kernels in the interpreter: the CPU tier's job")
     world, config, tokens, kind, seed = case
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), "gloo", config, tokens, kind, seed), nprocs=world)
+    _spawn(world, "gloo", config, tokens, kind, seed)
 
 
 @st.composite
@@ -133,5 +151,4 @@ def test_expert_parallel_on_nccl_equals_single_gpu(case):
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 or more GPUs for NCCL expert parallelism, found {torch.cuda.device_count()}")
     world, config, tokens, kind, seed = case
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), "nccl", config, tokens, kind, seed), nprocs=world)
+    _spawn(world, "nccl", config, tokens, kind, seed)
