@@ -10,10 +10,10 @@ ASV ?= $(PYTHON) -m asv
 FACTOR ?= 1.10
 
 .PHONY: help install install-cpu install-gpu versions lint lint-workflows format test test-cpu test-gpu \
-	test-nightly sanitize benchmark bench bench-publish bench-compare bench-check bench-save-results bench-pr
+	test-nightly sanitize benchmark tune bench bench-publish bench-compare bench-check bench-save-results bench-pr
 
 help:
-	@echo "install test test-cpu test-gpu test-nightly sanitize lint format benchmark"
+	@echo "install test test-cpu test-gpu test-nightly sanitize lint format benchmark tune"
 	@echo "bench bench-publish bench-compare BASE=<sha> HEAD=<sha> [FACTOR=1.10] bench-check"
 
 install:
@@ -69,6 +69,11 @@ sanitize:
 
 benchmark:
 	$(PYTHON) -m deepseek_moe_fused.benchmark
+
+# Re-measure the tile table for this GPU (deepseek_moe_fused/kernels/tuned_tiles.json; other cards'
+# entries are kept). About 2 minutes per preset on an H100. TUNE_ARGS="--presets seed" for one.
+tune:
+	$(PYTHON) tools/tune.py $(TUNE_ARGS)
 
 # asv history, offline, in the current environment. Results are saved only with a commit hash.
 # DEEPSEEK_MOE_BENCH_RUN lets all tracks of one (preset, N) share one measurement (benchmarks/_measure.py).

@@ -4,6 +4,7 @@ one process per GPU (2 or more GPUs) in the GPU tier."""
 
 import faulthandler
 import os
+import sys
 import tempfile
 import time
 
@@ -22,7 +23,7 @@ from deepseek_moe_fused.testing import TOLERANCES, error_stats, make_activations
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 # One example's processes must finish within this: a collective that never completes fails the test.
-SPAWN_TIMEOUT_S = 120
+SPAWN_TIMEOUT_S = int(os.environ.get("EP_SPAWN_TIMEOUT_S", "120"))
 
 
 def _spawn(world, backend, *args):
@@ -38,7 +39,11 @@ def _spawn(world, backend, *args):
 
 def _close(got, want, what):
     stats = error_stats(got, want)
+    # Both sides are within the table's bound of the float64 oracle (other tests hold them to it),
+    # so they are within twice it of each other. On a GPU they round differently: the EP side runs
+    # one-slot rows, which get other tile sizes and so another accumulation order.
     tol = TOLERANCES[want.dtype]
+    tol = type(tol)(rel_norm=2 * tol.rel_norm, rel_max=2 * tol.rel_max)
     assert stats.within(tol), f"rank {dist.get_rank()}: {what}: {stats}"
 
 
@@ -57,12 +62,19 @@ def _worker(rank, world, init_file, backend, config, tokens, kind, seed):
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
         extra["device_id"] = device  # bind the communicator to this rank's GPU up front
+    verbose = bool(os.environ.get("EP_VERBOSE"))  # phase timings on stderr, for a slow or stuck rank
+    start = time.monotonic()
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world, **extra)
-    try:
-        _check_layer(rank, world, config, tokens, seed, device)
-        _check_given_routing(rank, world, config, tokens, kind, seed, device)
-    finally:
-        dist.destroy_process_group()
+    for check in (_check_layer, _check_given_routing):
+        if check is _check_layer:
+            check(rank, world, config, tokens, seed, device)
+        else:
+            check(rank, world, config, tokens, kind, seed, device)
+        if verbose:
+            print(f"rank {rank}: {check.__name__} done at {time.monotonic() - start:.1f} s", file=sys.stderr)
+    # Only after success: a rank whose check failed must exit with its error, not wait in the
+    # NCCL teardown for peers that are still inside a collective (that reads as a hang).
+    dist.destroy_process_group()
 
 
 def _check_layer(rank, world, config, tokens, seed, device):
@@ -137,7 +149,10 @@ def test_expert_parallel_equals_single_process(case):
 @st.composite
 def nccl_cases(draw):
     world = torch.cuda.device_count()
-    config = draw(moe_configs(dtypes=[torch.float32]))
+    # Dims of 16 and up: with H or I of 1-3 a single dot can cancel to a thousandth of its terms,
+    # and two fp32 accumulation orders then differ by more than any fixed tolerance (the kernels'
+    # own tests discard such problems; here the reference is another GPU run, not the oracle).
+    config = draw(moe_configs(dtypes=[torch.float32]).filter(lambda c: min(c.hidden_dim, c.intermediate_dim) >= 16))
     # Uneven splits, ranks with no tokens, and fewer experts than ranks all occur; up to 300 rows.
     tokens = draw(st.lists(st.sampled_from([0, 1, 7, 64, 300]), min_size=world, max_size=world))
     return world, config, tokens, draw(routing_kinds), draw(seeds)
