@@ -1,0 +1,126 @@
+"""Train a small DeepSeek-style MoE stack for 50 steps with the fused layer and with a plain
+PyTorch reference layer from the same initialisation; the two loss curves must agree.
+
+On a GPU: bf16, a V2-Lite-like block shape scaled down; without one: fp32 through the Triton
+interpreter at toy sizes. The fused layer uses the Triton backward unless DEEPSEEK_MOE_BACKWARD
+says otherwise. Usage: python examples/train_tiny.py [--steps 50]
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("DEEPSEEK_MOE_BACKWARD", "triton")
+
+import torch
+from torch import nn
+
+from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig
+from deepseek_moe_fused.moe_layer import selected_backward
+from deepseek_moe_fused.reference import naive_moe_experts
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+# Relative loss difference allowed at every step. fp32: both models compute the same function in
+# fp32 with sums in other orders (~1e-6 per step), compounded through 50 Adam steps. bf16: each
+# step rounds activations and gradients to bf16 (u = 2^-8) in different places in the two models.
+LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+class ReferenceMoE(DeepSeekMoELayer):
+    """The same parameters and router, experts through the seed's per-expert PyTorch loop
+    (autograd all the way): the reference the fused layer trains against."""
+
+    def forward(self, x):
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        _, topk_weights, topk_ids = self.gate(x2d)
+        w = self.expert_weights()
+        out = naive_moe_experts(
+            x2d, topk_weights, topk_ids, w.gate_up_proj, w.down_proj, w.shared_gate, w.shared_up, w.shared_down
+        )
+        return out.view(shape)
+
+
+class TinyMoEStack(nn.Module):
+    def __init__(self, config: MoEConfig, vocab: int, layers: int, moe_cls, device):
+        super().__init__()
+        H = config.hidden_dim
+        self.embed = nn.Embedding(vocab, H, device=device, dtype=config.dtype)
+        self.norms = nn.ModuleList(nn.RMSNorm(H, device=device, dtype=config.dtype) for _ in range(layers))
+        self.moes = nn.ModuleList(moe_cls(config, device=device) for _ in range(layers))
+        self.head = nn.Linear(H, vocab, bias=False, device=device, dtype=config.dtype)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for norm, moe in zip(self.norms, self.moes):
+            h = h + moe(norm(h))
+        return self.head(h)
+
+
+def train(model, data, steps: int, on_gpu: bool) -> tuple[list[float], list[float]]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    losses, times = [], []
+    for step in range(steps):
+        ids = data[step % len(data)]
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = model(ids[:, :-1])
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if on_gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    return losses, times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args()
+    device = "cuda" if ON_GPU else "cpu"
+    if ON_GPU:
+        config = MoEConfig(hidden_dim=1024, intermediate_dim=512, num_experts=32, top_k=6, n_shared_experts=2)
+        vocab, layers, batch, seq = 512, 2, 8, 256
+    else:
+        config = MoEConfig(
+            hidden_dim=32, intermediate_dim=16, num_experts=8, top_k=2, n_shared_experts=1, dtype=torch.float32
+        )
+        vocab, layers, batch, seq = 64, 2, 2, 17
+    torch.manual_seed(0)
+    fused = TinyMoEStack(config, vocab, layers, DeepSeekMoELayer, device)
+    reference = TinyMoEStack(config, vocab, layers, ReferenceMoE, device)
+    reference.load_state_dict(fused.state_dict())  # the same initialisation
+    g = torch.Generator().manual_seed(1)
+    # A learnable signal: each sequence repeats a short random pattern.
+    data = []
+    for _ in range(8):
+        pattern = torch.randint(0, vocab, (batch, 5), generator=g)
+        data.append(pattern.repeat(1, seq // 5 + 1)[:, :seq].to(device))
+    where = torch.cuda.get_device_name() if ON_GPU else "CPU (Triton interpreter)"
+    print(f"{where} | {config.dtype} | backward: {selected_backward()} | {layers} MoE layers, E={config.num_experts}")
+    fused_losses, fused_times = train(fused, data, args.steps, ON_GPU)
+    ref_losses, ref_times = train(reference, data, args.steps, ON_GPU)
+    rel = [abs(a - b) / abs(b) for a, b in zip(fused_losses, ref_losses)]
+    tol = LOSS_TOLERANCE[config.dtype]
+    print(f"loss  fused:     {fused_losses[0]:.4f} -> {fused_losses[-1]:.4f}")
+    print(f"loss  reference: {ref_losses[0]:.4f} -> {ref_losses[-1]:.4f}")
+    print(f"max relative loss difference over {args.steps} steps: {max(rel):.2e} (tolerance {tol:.0e})")
+    skip = min(5, args.steps - 1)  # compile and allocator warm-up
+    print(
+        f"median step: fused {statistics.median(fused_times[skip:]) * 1e3:.1f} ms, "
+        f"reference {statistics.median(ref_times[skip:]) * 1e3:.1f} ms"
+    )
+    # Learning is judged over whole passes of the 8 batches (a single batch's loss says little).
+    learned = args.steps < 16 or statistics.mean(fused_losses[-8:]) < statistics.mean(fused_losses[:8])
+    ok = max(rel) <= tol and learned
+    print("AGREE" if ok else "DISAGREE")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

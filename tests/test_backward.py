@@ -1,0 +1,91 @@
+"""The Triton backward (kernels/launch_backward.py) against the fp32 PyTorch backward, whose own
+gradients test_moe_layer.py checks against float64 autograd."""
+
+import pytest
+import torch
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+from strategies import moe_configs, num_tokens, routing_kinds, seeds
+
+from deepseek_moe_fused import MoEConfig
+from deepseek_moe_fused._backward_torch import experts_backward
+from deepseek_moe_fused.kernels._alloc import poisoned_outputs
+from deepseek_moe_fused.kernels.launch import routing_metadata_for
+from deepseek_moe_fused.kernels.launch_backward import moe_experts_backward
+from deepseek_moe_fused.moe_layer import BACKWARD_ENV, selected_backward
+from deepseek_moe_fused.testing import TOLERANCES, make_activations, make_moe_inputs
+
+GRAD_NAMES = ("x", "topk_weights", "gate_up_proj", "down_proj", "shared_gate", "shared_up", "shared_down")
+
+
+def _bound(dtype: torch.dtype) -> float:
+    """Relative (in norm) bound on the Triton gradients against the fp32 PyTorch ones. fp32: both
+    are fp32 sums of up to T*K*H products in other orders, 1e-5. 16-bit: the Triton path rounds
+    dG/dU, the SwiGLU output and each slot's dX to the input dtype (the PyTorch path keeps fp32),
+    about two roundings more than the forward's table allows for: twice its bound."""
+    return 1e-5 if dtype == torch.float32 else 2 * TOLERANCES[dtype].rel_norm
+
+
+def _run_both(config, T, kind, seed, device):
+    inputs = make_moe_inputs(config, T, routing=kind, seed=seed, device=device)
+    w = inputs.weights
+    metadata = routing_metadata_for(inputs.topk_ids, w)
+    grad_out = make_activations(T, config.hidden_dim, seed=seed + 7, dtype=config.dtype, device=device)
+    with poisoned_outputs():  # an element no kernel writes stays NaN
+        got = moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata)
+    want = experts_backward(grad_out, inputs.x, inputs.topk_weights, metadata.sorted_slot, metadata.expert_offsets, w)
+    return got, want
+
+
+@st.composite
+def problems(draw):
+    # bf16 only where it runs natively (the GPU tier); the interpreter cannot multiply it.
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+    config = draw(moe_configs(dtypes=dtypes))
+    return config, draw(num_tokens(config)), draw(routing_kinds), draw(seeds)
+
+
+F32 = torch.float32
+
+
+@given(problem=problems())
+@example(
+    problem=(MoEConfig(hidden_dim=33, intermediate_dim=17, num_experts=7, top_k=3, n_shared_experts=1, dtype=F32),
+             17, "uniform", 0),
+).via("prime E, non-pow2 H and I, shared")  # fmt: skip
+@example(
+    problem=(MoEConfig(hidden_dim=48, intermediate_dim=16, num_experts=5, top_k=2, dtype=F32), 40, "one_expert", 1),
+).via("all rows on one expert: several tiles of one expert, empty experts get zero gradients")  # fmt: skip
+def test_triton_backward_matches_pytorch(device, problem):
+    config, T, kind, seed = problem
+    assume(T > 0)
+    got, want = _run_both(config, T, kind, seed, device)
+    scale = max(float(w.double().norm()) for w in want if w is not None)
+    for name, g, w in zip(GRAD_NAMES, got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert torch.isfinite(g).all(), f"{name} has unwritten (NaN) or non-finite elements"
+        diff = float((g.double() - w.double()).norm())
+        # Absolute floor at the problem's gradient scale: gradients that cancel to ~0 (top_k=1
+        # with tiny dims) keep only rounding noise of their terms.
+        bound = _bound(config.dtype) * float(w.double().norm()) + 1e-6 * scale
+        assert diff <= bound, f"{name}: |diff| {diff:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("T", [0, 1, 5])  # empty batch, decode, a few tokens
+def test_triton_backward_is_deterministic(device, T):
+    config = MoEConfig(hidden_dim=32, intermediate_dim=16, num_experts=6, top_k=2, n_shared_experts=1, dtype=F32)
+    first, _ = _run_both(config, T, "zipf", 3, device)
+    second, _ = _run_both(config, T, "zipf", 3, device)
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+def test_backward_choice_is_checked(monkeypatch):
+    monkeypatch.setenv(BACKWARD_ENV, "cuda")
+    with pytest.raises(ValueError, match=BACKWARD_ENV):
+        selected_backward()
+    monkeypatch.setenv(BACKWARD_ENV, "triton")
+    assert selected_backward() == "triton"
