@@ -140,29 +140,40 @@ def _measure(preset: str, num_tokens: int) -> dict:
         out["naive_ms"] = _median_ms(lambda: naive_moe_experts(*naive_args))
         out["layer_ms"] = _median_ms(lambda: layer(x))  # eager on purpose: what a caller sees
 
-    if preset == "deepseek-v3":
-        # The PyTorch backward keeps fp32 gradients of every expert (45 GB for a V3 layer) beside the
-        # 21 GB of weights: measured once the Triton backward lands.
-        return _finish(out, config, topk_ids, num_tokens)
-    # Forward + backward of the whole layer, and of the grouped_mm pipeline under autograd.
+    from deepseek_moe_fused.benchmark_backward import TORCH_BACKWARD_MAX_BYTES, backward_selected
+
+    # Forward + backward of the whole layer (PyTorch and Triton backward), and of the grouped_mm
+    # pipeline under autograd, each with its peak device memory.
     x_grad = x.detach().clone().requires_grad_()
     grad = torch.randn_like(x)
 
-    def layer_fwd_bwd():
-        layer.zero_grad(set_to_none=True)
-        layer(x_grad).backward(grad)
+    def layer_fwd_bwd(backward):
+        def step():
+            layer.zero_grad(set_to_none=True)
+            with backward_selected(backward):
+                out = layer(x_grad)
+            out.backward(grad)
+
+        return step
 
     def grouped_mm_fwd_bwd():
         layer.zero_grad(set_to_none=True)
         _, w, ids = layer.gate(x_grad)
         baselines.grouped_mm_moe_experts(x_grad, w, ids, layer.expert_weights()).backward(grad)
 
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out["fwd_bwd_ms"] = _median_ms(layer_fwd_bwd)
-    out["fwd_bwd_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    out["grouped_mm_fwd_bwd_ms"] = _median_ms(grouped_mm_fwd_bwd)
+    def timed_with_peak(key, fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out[f"{key}_ms"] = _median_ms(fn)
+        out[f"{key}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
 
+    # The PyTorch backward keeps fp32 gradients of every expert (45 GB for a V3 layer beside its
+    # 22.5 GB of weights): only where they fit.
+    if config.weight_bytes()[0] <= TORCH_BACKWARD_MAX_BYTES:
+        timed_with_peak("fwd_bwd", layer_fwd_bwd("torch"))
+    timed_with_peak("fwd_bwd_triton", layer_fwd_bwd("triton"))
+    timed_with_peak("grouped_mm_fwd_bwd", grouped_mm_fwd_bwd)
     return _finish(out, config, topk_ids, num_tokens)
 
 

@@ -57,6 +57,13 @@ class LayerForwardBackward(_Tracks):
 
     params = (list(PRESET_SIZES), _all_sizes(PRESET_SIZES))
     track_layer_forward_ms = _track("layer_ms", "ms", "DeepSeekMoELayer forward.")
-    track_layer_fwd_bwd_ms = _track("fwd_bwd_ms", "ms", "DeepSeekMoELayer forward + backward.")
+    track_layer_fwd_bwd_ms = _track("fwd_bwd_ms", "ms", "DeepSeekMoELayer forward + PyTorch backward.")
+    track_layer_fwd_bwd_triton_ms = _track("fwd_bwd_triton_ms", "ms", "DeepSeekMoELayer forward + Triton backward.")
     track_grouped_mm_fwd_bwd_ms = _track("grouped_mm_fwd_bwd_ms", "ms", "grouped_mm pipeline forward + backward.")
-    track_fwd_bwd_peak_device_mb = _track("fwd_bwd_peak_mb", "MB", "Device memory of forward + backward.")
+    track_fwd_bwd_peak_device_mb = _track("fwd_bwd_peak_mb", "MB", "Device memory of forward + PyTorch backward.")
+    track_fwd_bwd_triton_peak_device_mb = _track(
+        "fwd_bwd_triton_peak_mb", "MB", "Device memory of forward + Triton backward."
+    )
+    track_grouped_mm_fwd_bwd_peak_device_mb = _track(
+        "grouped_mm_fwd_bwd_peak_mb", "MB", "Device memory of the grouped_mm pipeline's forward + backward."
+    )

@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="PATH", help="plot time vs N per implementation (needs matplotlib)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ep", type=int, metavar="W", help="expert parallel over W ranks (launch with torchrun)")
+    p.add_argument("--backward", action="store_true", help="also time forward+backward (PyTorch/Triton/grouped_mm)")
     return p.parse_args(argv)
 
 
@@ -324,6 +325,13 @@ def main(argv=None) -> int:
         progress = batch_sizes
     for n in progress:
         row, lines = bench_batch(config, n, layer, ceilings, on_gpu, args)
+        if args.backward:
+            from .benchmark_backward import bench_fwd_bwd
+
+            backward_row, backward_lines = bench_fwd_bwd(config, n, layer, on_gpu, args.seed, time_ms)
+            row.update(backward_row)
+            lines += backward_lines
+            all_passed &= backward_row["grad_pass"] is not False
         rows.append(row)
         all_passed &= row["pass"]
         print("\n".join(lines) + "\n", flush=True)

@@ -15,6 +15,7 @@ from deepseek_moe_fused import benchmark
         ["--preset", "deepseek-v3", "--hidden_dim", "32", "--intermediate_dim", "16", "--num_experts", "16",
          "--top_k", "4", "--batch_sizes", "5", "--dtype", "fp32"],  # grouped sigmoid routing
         ["--n_shared_experts", "0", "--batch_sizes", "1", "--dtype", "fp16"],
+        ["--batch_sizes", "2", "--dtype", "fp32", "--backward"],  # forward+backward, both backwards
     ],
 )  # fmt: skip
 def test_cli_passes_and_writes_json(tmp_path, capsys, argv):
@@ -27,6 +28,9 @@ def test_cli_passes_and_writes_json(tmp_path, capsys, argv):
     report = json.loads(path.read_text())
     assert report["rows"] and all(row["pass"] for row in report["rows"])
     assert {"naive_ms", "unfused_ms", "fused_ms", "layer_ms"} <= set(report["rows"][0])
+    if "--backward" in argv:
+        row = report["rows"][0]
+        assert row["grad_pass"] and {"fwd_bwd_triton_bwd_ms", "fwd_bwd_torch_bwd_ms"} <= set(row)
 
 
 def test_roofline_floor():

@@ -1,0 +1,111 @@
+"""`python -m deepseek_moe_fused.benchmark --backward`: forward + backward of the whole layer.
+
+Per N: the layer's forward+backward with the PyTorch backward and with the Triton backward, the
+torch._grouped_mm pipeline under autograd, the peak device memory of each, and the Triton
+gradients against the PyTorch ones (PASS/FAIL). Eager medians: autograd is not graph-captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from . import baselines
+from .moe_layer import BACKWARD_ENV
+from .testing import TOLERANCES, error_stats, make_activations
+
+# The PyTorch backward keeps fp32 gradients of every expert: for a V3 layer 45 GB beside 22.5 GB
+# of weights, past an 80 GB card. Skipped above this many routed-weight bytes.
+TORCH_BACKWARD_MAX_BYTES = 8 * 2**30
+
+
+@contextlib.contextmanager
+def backward_selected(name: str):
+    """The layer reads the backward choice at forward time; restore the environment after."""
+    previous = os.environ.get(BACKWARD_ENV)
+    os.environ[BACKWARD_ENV] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(BACKWARD_ENV, None)
+        else:
+            os.environ[BACKWARD_ENV] = previous
+
+
+def _grads(layer, x) -> list[torch.Tensor]:
+    return [x.grad] + [p.grad for p in layer.parameters()]
+
+
+def bench_fwd_bwd(config, num_tokens, layer, on_gpu, seed, time_ms) -> tuple[dict, list[str]]:
+    device = layer.experts.gate_up_proj.device
+    x = make_activations(num_tokens, config.hidden_dim, seed=seed + 1, dtype=config.dtype, device=device)
+    x = x.requires_grad_()
+    grad = make_activations(num_tokens, config.hidden_dim, seed=seed + 2, dtype=config.dtype, device=device)
+
+    def run(name):
+        def step():
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            with backward_selected(name):
+                out = layer(x)
+            out.backward(grad)
+
+        return step
+
+    def grouped_mm_step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        _, w, ids = layer.gate(x)
+        baselines.grouped_mm_moe_experts(x, w, ids, layer.expert_weights()).backward(grad)
+
+    routed_bytes, _ = config.weight_bytes()
+    runs = {"triton_bwd": run("triton")}
+    if routed_bytes <= TORCH_BACKWARD_MAX_BYTES:
+        runs["torch_bwd"] = run("torch")
+    if on_gpu and baselines.grouped_mm_available():
+        runs["grouped_mm"] = grouped_mm_step
+    row, peaks = {}, {}
+    for name, fn in runs.items():
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        row[f"fwd_bwd_{name}_ms"] = time_ms(fn, on_gpu)
+        if on_gpu:
+            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            row[f"fwd_bwd_{name}_peak_mb"] = peaks[name]
+    # Gradients: Triton against PyTorch where both ran (twice the dtype's bound: both round).
+    passed, worst = None, None  # None: no PyTorch backward to compare with (too large)
+    if "torch_bwd" in runs:
+        passed, worst = True, 0.0
+        runs["torch_bwd"]()
+        want = [g.detach().clone() for g in _grads(layer, x)]
+        runs["triton_bwd"]()
+        tol = TOLERANCES[config.dtype].rel_norm * 2 if config.dtype != torch.float32 else 1e-5
+        for got, ref in zip(_grads(layer, x), want):
+            if ref is None or got is None:
+                passed &= got is None and ref is None
+                continue
+            stats = error_stats(got, ref)
+            worst = max(worst, stats.rel_norm)
+            passed &= not stats.nan_mismatch and stats.rel_norm <= tol
+    row.update(grad_pass=passed, grad_worst_rel=worst)
+
+    def fmt(name):
+        ms = row.get(f"fwd_bwd_{name}_ms")
+        peak = peaks.get(name)
+        return "n/a" if ms is None else f"{ms:.3f}ms" + (f" ({peak:.0f} MB)" if peak is not None else "")
+
+    speedup = ""
+    if "grouped_mm" in runs:
+        speedup = f" | Triton bwd {row['fwd_bwd_grouped_mm_ms'] / row['fwd_bwd_triton_bwd_ms']:.2f}x vs grouped_mm"
+    verdict = "grads n/a" if passed is None else f"{'✓ PASS' if passed else '✗ FAIL'} grads (worst rel {worst:.2e})"
+    lines = [
+        f"  fwd+bwd: {verdict} | "
+        f"Triton bwd: {fmt('triton_bwd')} | PyTorch bwd: {fmt('torch_bwd')} | grouped_mm autograd: "
+        f"{fmt('grouped_mm')}{speedup}"
+    ]
+    return row, lines
