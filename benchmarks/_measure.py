@@ -140,26 +140,16 @@ def _measure(preset: str, num_tokens: int) -> dict:
         out["naive_ms"] = _median_ms(lambda: naive_moe_experts(*naive_args))
         out["layer_ms"] = _median_ms(lambda: layer(x))  # eager on purpose: what a caller sees
 
-    from deepseek_moe_fused.benchmark_backward import TORCH_BACKWARD_MAX_BYTES, backward_selected
+    from deepseek_moe_fused.benchmark_backward import (
+        TORCH_BACKWARD_MAX_BYTES,
+        grouped_mm_fwd_bwd_step,
+        layer_fwd_bwd_step,
+    )
 
     # Forward + backward of the whole layer (PyTorch and Triton backward), and of the grouped_mm
     # pipeline under autograd, each with its peak device memory.
     x_grad = x.detach().clone().requires_grad_()
     grad = torch.randn_like(x)
-
-    def layer_fwd_bwd(backward):
-        def step():
-            layer.zero_grad(set_to_none=True)
-            with backward_selected(backward):
-                out = layer(x_grad)
-            out.backward(grad)
-
-        return step
-
-    def grouped_mm_fwd_bwd():
-        layer.zero_grad(set_to_none=True)
-        _, w, ids = layer.gate(x_grad)
-        baselines.grouped_mm_moe_experts(x_grad, w, ids, layer.expert_weights()).backward(grad)
 
     def timed_with_peak(key, fn):
         torch.cuda.synchronize()
@@ -171,9 +161,9 @@ def _measure(preset: str, num_tokens: int) -> dict:
     # The PyTorch backward keeps fp32 gradients of every expert (45 GB for a V3 layer beside its
     # 22.5 GB of weights): only where they fit.
     if config.weight_bytes()[0] <= TORCH_BACKWARD_MAX_BYTES:
-        timed_with_peak("fwd_bwd", layer_fwd_bwd("torch"))
-    timed_with_peak("fwd_bwd_triton", layer_fwd_bwd("triton"))
-    timed_with_peak("grouped_mm_fwd_bwd", grouped_mm_fwd_bwd)
+        timed_with_peak("fwd_bwd", layer_fwd_bwd_step(layer, x_grad, grad, "torch"))
+    timed_with_peak("fwd_bwd_triton", layer_fwd_bwd_step(layer, x_grad, grad, "triton"))
+    timed_with_peak("grouped_mm_fwd_bwd", grouped_mm_fwd_bwd_step(layer, x_grad, grad))
     return _finish(out, config, topk_ids, num_tokens)
 
 

@@ -7,13 +7,10 @@ gradients against the PyTorch ones (PASS/FAIL). Eager medians: autograd is not g
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 
 from . import baselines
-from .moe_layer import BACKWARD_ENV
+from .moe_layer import backward_selected
 from .testing import TOLERANCES, error_stats, make_activations
 
 # The PyTorch backward keeps fp32 gradients of every expert: for a V3 layer 45 GB beside 22.5 GB
@@ -21,18 +18,29 @@ from .testing import TOLERANCES, error_stats, make_activations
 TORCH_BACKWARD_MAX_BYTES = 8 * 2**30
 
 
-@contextlib.contextmanager
-def backward_selected(name: str):
-    """The layer reads the backward choice at forward time; restore the environment after."""
-    previous = os.environ.get(BACKWARD_ENV)
-    os.environ[BACKWARD_ENV] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(BACKWARD_ENV, None)
-        else:
-            os.environ[BACKWARD_ENV] = previous
+def layer_fwd_bwd_step(layer, x, grad, backward: str):
+    """One forward+backward of the layer with the named backward, gradients reset first."""
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with backward_selected(backward):
+            out = layer(x)
+        out.backward(grad)
+
+    return step
+
+
+def grouped_mm_fwd_bwd_step(layer, x, grad):
+    """The layer's router, then the torch._grouped_mm pipeline under autograd, on its weights."""
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        _, w, ids = layer.gate(x)
+        baselines.grouped_mm_moe_experts(x, w, ids, layer.expert_weights()).backward(grad)
+
+    return step
 
 
 def _grads(layer, x) -> list[torch.Tensor]:
@@ -45,28 +53,12 @@ def bench_fwd_bwd(config, num_tokens, layer, on_gpu, seed, time_ms) -> tuple[dic
     x = x.requires_grad_()
     grad = make_activations(num_tokens, config.hidden_dim, seed=seed + 2, dtype=config.dtype, device=device)
 
-    def run(name):
-        def step():
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-            with backward_selected(name):
-                out = layer(x)
-            out.backward(grad)
-
-        return step
-
-    def grouped_mm_step():
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        _, w, ids = layer.gate(x)
-        baselines.grouped_mm_moe_experts(x, w, ids, layer.expert_weights()).backward(grad)
-
     routed_bytes, _ = config.weight_bytes()
-    runs = {"triton_bwd": run("triton")}
+    runs = {"triton_bwd": layer_fwd_bwd_step(layer, x, grad, "triton")}
     if routed_bytes <= TORCH_BACKWARD_MAX_BYTES:
-        runs["torch_bwd"] = run("torch")
+        runs["torch_bwd"] = layer_fwd_bwd_step(layer, x, grad, "torch")
     if on_gpu and baselines.grouped_mm_available():
-        runs["grouped_mm"] = grouped_mm_step
+        runs["grouped_mm"] = grouped_mm_fwd_bwd_step(layer, x, grad)
     row, peaks = {}, {}
     for name, fn in runs.items():
         if on_gpu:

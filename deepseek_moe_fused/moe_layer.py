@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -28,6 +29,21 @@ def selected_backward() -> str:
     if name not in BACKWARDS:
         raise ValueError(f"{BACKWARD_ENV} must be one of {BACKWARDS}, got {name!r}")
     return name
+
+
+@contextlib.contextmanager
+def backward_selected(name: str):
+    """Run forwards with this backward (the layer reads the choice at forward time); the
+    environment is restored afterwards."""
+    previous = os.environ.get(BACKWARD_ENV)
+    os.environ[BACKWARD_ENV] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(BACKWARD_ENV, None)
+        else:
+            os.environ[BACKWARD_ENV] = previous
 
 
 class FusedMoEExpertsFunction(torch.autograd.Function):

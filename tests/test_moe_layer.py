@@ -1,8 +1,5 @@
 """DeepSeekMoELayer end to end: the oracle, transformers' blocks, gradients, the seed's API."""
 
-import contextlib
-import os
-
 import pytest
 import torch
 from hypothesis import assume, example, given
@@ -10,7 +7,7 @@ from hypothesis import strategies as st
 from strategies import MAX_ROWS, TOKENS, moe_configs, num_tokens, seeds
 
 from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig
-from deepseek_moe_fused.moe_layer import BACKWARD_ENV, BACKWARDS
+from deepseek_moe_fused.moe_layer import BACKWARDS, backward_selected
 from deepseek_moe_fused.reference import oracle_moe_experts, oracle_topk_weights
 from deepseek_moe_fused.testing import TOLERANCES, error_stats
 
@@ -50,20 +47,6 @@ def test_layer_matches_oracle(device, config, data, seed):
     assert stats.within(TOLERANCES[config.dtype]), stats
 
 
-@contextlib.contextmanager
-def _backward_selected(name):
-    """The layer reads the choice at forward time; restore the environment afterwards."""
-    previous = os.environ.get(BACKWARD_ENV)
-    os.environ[BACKWARD_ENV] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[BACKWARD_ENV]
-        else:
-            os.environ[BACKWARD_ENV] = previous
-
-
 # Found by fuzzing: top_k=1 with norm_topk_prob makes the routing weight a constant, so the router
 # gradient cancels to zero in float64 and to rounding noise in fp32 (needs the absolute floor).
 @example(
@@ -83,7 +66,7 @@ def test_gradients_match_float64_autograd(device, backward, config, T, seed):
     assume(T > 0)
     layer = _layer(config, device, seed)
     x = torch.randn(T, config.hidden_dim, device=device, requires_grad=True)
-    with _backward_selected(backward):
+    with backward_selected(backward):
         out, _logits = layer(x, return_router_logits=True)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
