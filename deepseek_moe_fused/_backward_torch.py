@@ -12,19 +12,22 @@ import torch
 from .kernels.launch import ExpertWeights
 
 
+def swiglu_backward(g: torch.Tensor, u: torch.Tensor, d_act: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """act = silu(g) * u: returns (d_g, d_u, act) from d_act, elementwise in g's dtype."""
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    d_g = d_act * u * (sig * (1 + g * (1 - sig)))  # d silu(g) / dg = sig * (1 + g * (1 - sig))
+    return d_g, d_act * silu, silu * u
+
+
 def _mlp_backward(x, w_gate, w_up, w_down, grad_y, row_weight):
     """One MLP's gradients for rows x (n, H) and output gradient grad_y (n, H), all fp32.
 
     Returns (dx, d_gate, d_up, d_down, d_row_weight) where the MLP's output was row_weight * y."""
     g, u = x @ w_gate.T, x @ w_up.T
-    sig = torch.sigmoid(g)
-    silu = g * sig
-    a = silu * u
     dy = grad_y * row_weight[:, None]
+    dg, du, a = swiglu_backward(g, u, dy @ w_down)
     d_row_weight = (grad_y * (a @ w_down.T)).sum(-1)
-    da = dy @ w_down
-    dg = da * u * (sig * (1 + g * (1 - sig)))  # d silu(g) / dg = sig * (1 + g * (1 - sig))
-    du = da * silu
     dx = dg @ w_gate + du @ w_up
     return dx, dg.T @ x, du.T @ x, dy.T @ a, d_row_weight
 

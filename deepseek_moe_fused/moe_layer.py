@@ -16,7 +16,6 @@ from .config import MoEConfig
 from .kernels.launch import ExpertWeights, moe_experts_forward, routing_metadata_for
 from .kernels.launch_backward import moe_experts_backward
 from .router import DeepSeekRouter
-from .routing_metadata import RoutingMetadata
 
 # "torch" (default): the fp32 PyTorch backward, one expert at a time. "triton": the Triton
 # backward kernels (kernels/_backward.py); opt-in until the GPU tier and benchmarks have run it.
@@ -56,28 +55,20 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
         metadata = routing_metadata_for(topk_ids, weights)
         out = moe_experts_forward(x, topk_weights, topk_ids, weights, metadata)
         ctx.backward = selected_backward()  # read at forward time: one choice per step
-        ctx.metadata_shape = (metadata.num_experts, metadata.top_k, metadata.block_m)
-        ctx.save_for_backward(
-            x, topk_weights, metadata.sorted_slot, metadata.slot_to_row, metadata.expert_offsets,
-            metadata.tile_expert, metadata.tile_row_start,
-            gate_up_proj, down_proj, shared_gate, shared_up, shared_down,
-        )  # fmt: skip
+        # The metadata is neither an input nor an output: it is kept on ctx as autograd allows
+        # for intermediates; inputs go through save_for_backward.
+        ctx.routing = metadata  # (ctx.metadata is taken: autograd keeps anomaly data there)
+        ctx.save_for_backward(x, topk_weights, gate_up_proj, down_proj, shared_gate, shared_up, shared_down)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, topk_weights, sorted_slot, slot_to_row, expert_offsets, tile_expert, tile_row_start, *weight_tensors = (
-            ctx.saved_tensors
-        )
-        weights = ExpertWeights(*weight_tensors)
+        x, topk_weights, *weight_tensors = ctx.saved_tensors
+        weights, metadata = ExpertWeights(*weight_tensors), ctx.routing
         if ctx.backward == "triton":
-            num_experts, top_k, block_m = ctx.metadata_shape
-            metadata = RoutingMetadata(
-                num_experts, top_k, block_m, sorted_slot, slot_to_row, expert_offsets, tile_expert, tile_row_start
-            )
             grads = moe_experts_backward(grad_out, x, topk_weights, weights, metadata)
         else:
-            grads = experts_backward(grad_out, x, topk_weights, sorted_slot, expert_offsets, weights)
+            grads = experts_backward(grad_out, x, topk_weights, metadata.sorted_slot, metadata.expert_offsets, weights)
         dx, d_topk, *d_weights = grads
         return (dx, d_topk, None, *d_weights)
 

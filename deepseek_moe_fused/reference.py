@@ -64,17 +64,11 @@ def oracle_moe_experts(
     return _dense_oracle(x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared)
 
 
-def oracle_magnitude(
-    x: torch.Tensor,  # (T, H)
-    topk_weights: torch.Tensor,  # (T, K)
-    topk_ids: torch.Tensor,  # (T, K)
-    gate_up_proj: torch.Tensor,  # (E, 2I, H)
-    down_proj: torch.Tensor,  # (E, H, I)
-    *shared: torch.Tensor | None,
-) -> torch.Tensor:
-    """The oracle over absolute values, with |g| for silu(g) (|silu(g)| <= |g|): a bound on the
-    size of the terms each output sums. Rounding error scales with it, not with the output, so
-    `norm(magnitude) / norm(output)` says how much cancellation a problem has. Float64 (T, H)."""
+def oracle_magnitude(x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared) -> torch.Tensor:
+    """`oracle_moe_experts` (same arguments) over absolute values, with |g| for silu(g)
+    (|silu(g)| <= |g|): a bound on the size of the terms each output sums. Rounding error scales
+    with it, not with the output, so `norm(magnitude) / norm(output)` says how much cancellation a
+    problem has. Float64 (T, H)."""
     absolute = [t.abs() if t is not None else None for t in (x, topk_weights, gate_up_proj, down_proj, *shared)]
     x, topk_weights, gate_up_proj, down_proj, *shared = absolute
     return _dense_oracle(x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared, activation=torch.abs)

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+
+from ._interpret import interpreter_active
+from .kernels._routing import _chunk_histogram_kernel, _chunk_scan_kernel, _scatter_rows_kernel
 
 # Tile slots past the last real tile get these: a kernel that forgets the `expert < 0` early-out
 # reads no valid row (start == T*K) and no valid expert.
@@ -71,11 +75,6 @@ def build_routing_metadata(
 ) -> RoutingMetadata:
     """Group the T*K slots by expert (stable: slot order within an expert) and cut each expert's
     rows into tiles of `block_m`. One to three small Triton launches, no host synchronisation."""
-    import triton
-
-    from ._interpret import interpreter_active
-    from .kernels._routing import _chunk_histogram_kernel, _chunk_scan_kernel, _scatter_rows_kernel
-
     device = topk_ids.device
     if device.type != "cuda" and not interpreter_active():
         raise ValueError(

@@ -65,13 +65,12 @@ def _worker(rank, world, init_file, backend, config, tokens, kind, seed):
     verbose = bool(os.environ.get("EP_VERBOSE"))  # phase timings on stderr, for a slow or stuck rank
     start = time.monotonic()
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world, **extra)
-    for check in (_check_layer, _check_given_routing):
-        if check is _check_layer:
-            check(rank, world, config, tokens, seed, device)
-        else:
-            check(rank, world, config, tokens, kind, seed, device)
-        if verbose:
-            print(f"rank {rank}: {check.__name__} done at {time.monotonic() - start:.1f} s", file=sys.stderr)
+    _check_layer(rank, world, config, tokens, seed, device)
+    if verbose:
+        print(f"rank {rank}: layer checked at {time.monotonic() - start:.1f} s", file=sys.stderr)
+    _check_given_routing(rank, world, config, tokens, kind, seed, device)
+    if verbose:
+        print(f"rank {rank}: given routings checked at {time.monotonic() - start:.1f} s", file=sys.stderr)
     # Only after success: a rank whose check failed must exit with its error, not wait in the
     # NCCL teardown for peers that are still inside a collective (that reads as a hang).
     dist.destroy_process_group()

@@ -46,10 +46,7 @@ def problem_key(num_experts: int, hidden_dim: int, inner_dim: int, shared_dim: i
     return f"E{num_experts}_H{hidden_dim}_I{inner_dim}_S{shared_dim}_K{top_k}"
 
 
-def _forced(config: TileConfig) -> TileConfig:
-    spec = os.environ.get(FORCE_TILES_ENV, "").strip()
-    if not spec:
-        return config
+def _forced(config: TileConfig, spec: str) -> TileConfig:
     names = {f.name for f in fields(TileConfig)}
     changes = {}
     for item in spec.split(","):
@@ -129,10 +126,14 @@ def _tuned(num_tokens: int, key: str) -> ExpertTiles | None:
     )
 
 
-def _apply_force(tiles: ExpertTiles) -> ExpertTiles:
-    if not os.environ.get(FORCE_TILES_ENV, "").strip():
+def _force_spec() -> str:
+    return os.environ.get(FORCE_TILES_ENV, "").strip()
+
+
+def _apply_force(tiles: ExpertTiles, spec: str) -> ExpertTiles:
+    if not spec:
         return tiles
-    return ExpertTiles(_forced(tiles.gate_up), _forced(tiles.down), f"forced by {FORCE_TILES_ENV}")
+    return ExpertTiles(_forced(tiles.gate_up, spec), _forced(tiles.down, spec), f"forced by {FORCE_TILES_ENV}")
 
 
 def expert_tiles(
@@ -140,25 +141,30 @@ def expert_tiles(
 ) -> ExpertTiles:
     """Tiles for both stages of one problem: tuned table, else heuristic; the env override last."""
     # Cached: launchers ask on every call, and decode latency is host-bound.
-    force = os.environ.get(FORCE_TILES_ENV, "")
-    return _expert_tiles(num_tokens, num_experts, hidden_dim, inner_dim, shared_dim, top_k, interpret, force)
+    spec = _force_spec()
+    return _expert_tiles(num_tokens, num_experts, hidden_dim, inner_dim, shared_dim, top_k, interpret, spec)
 
 
 @functools.lru_cache(maxsize=4096)
-def _expert_tiles(num_tokens, num_experts, hidden_dim, inner_dim, shared_dim, top_k, interpret, force) -> ExpertTiles:
+def _expert_tiles(num_tokens, num_experts, hidden_dim, inner_dim, shared_dim, top_k, interpret, spec) -> ExpertTiles:
     key = problem_key(num_experts, hidden_dim, inner_dim, shared_dim, top_k)
     tiles = None if interpret else _tuned(num_tokens, key)
     if tiles is None:
         block_m = heuristic_block_m(num_tokens * top_k, num_experts, interpret)
         tiles = heuristic_tiles(block_m, hidden_dim, max(inner_dim, shared_dim), interpret)
-    return _apply_force(tiles)
+    return _apply_force(tiles, spec)
 
 
 def tiles_for_block_m(block_m: int, hidden_dim: int, inner_dim: int, interpret: bool) -> ExpertTiles:
     """For routing metadata cut with a tile height the table did not pick (built by a caller)."""
-    tiles = _apply_force(heuristic_tiles(block_m, hidden_dim, inner_dim, interpret))
+    tiles = _apply_force(heuristic_tiles(block_m, hidden_dim, inner_dim, interpret), _force_spec())
     # The metadata's tile height is fixed: a forced block_m cannot apply to it.
     return ExpertTiles(replace(tiles.gate_up, block_m=block_m), replace(tiles.down, block_m=block_m), tiles.source)
+
+
+def weight_grad_tiles(interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_Q, BLOCK_R, num_warps) of the backward's grouped weight-gradient GEMMs."""
+    return (16, 16, 16, 4) if interpret else (64, 128, 64, 8)
 
 
 def combine_block_h(hidden_dim: int) -> int:

@@ -250,14 +250,16 @@ def moe_experts_forward(
 ) -> torch.Tensor:
     """Unchecked three-stage expert forward (callers validate). `fuse_shared=False` launches the
     shared MLP separately from the routed experts: the ablation that shows what fusing buys."""
+    tiles = tiles_for(x.shape[0], weights, topk_ids.shape[1])  # once for both stages
     if metadata is None:
-        metadata = routing_metadata_for(topk_ids, weights)
+        metadata = routing_metadata_for(topk_ids, weights, tiles)
+    stage = {"tiles": tiles}
     if fuse_shared or not weights.has_shared:
-        h_routed, h_shared = gate_up_swiglu(x, weights, metadata)
-        y_routed, y_shared = down_proj(h_routed, h_shared, topk_weights, weights, metadata)
+        h_routed, h_shared = gate_up_swiglu(x, weights, metadata, **stage)
+        y_routed, y_shared = down_proj(h_routed, h_shared, topk_weights, weights, metadata, **stage)
     else:
-        h_routed, _ = gate_up_swiglu(x, weights, metadata, shared=False)
-        _, h_shared = gate_up_swiglu(x, weights, metadata, routed=False)
-        y_routed, _ = down_proj(h_routed, h_shared, topk_weights, weights, metadata, shared=False)
-        _, y_shared = down_proj(h_routed, h_shared, topk_weights, weights, metadata, routed=False)
+        h_routed, _ = gate_up_swiglu(x, weights, metadata, shared=False, **stage)
+        _, h_shared = gate_up_swiglu(x, weights, metadata, routed=False, **stage)
+        y_routed, _ = down_proj(h_routed, h_shared, topk_weights, weights, metadata, shared=False, **stage)
+        _, y_shared = down_proj(h_routed, h_shared, topk_weights, weights, metadata, routed=False, **stage)
     return combine(y_routed, y_shared)
