@@ -13,18 +13,19 @@ from ._backward_torch import experts_backward
 from ._checks import check_tensor
 from ._interpret import interpreter_active
 from .config import MoEConfig
-from .kernels.launch import ExpertWeights, moe_experts_forward, routing_metadata_for
+from .kernels.launch import ExpertWeights, PreActivations, moe_experts_forward, new_preactivations, routing_metadata_for
 from .kernels.launch_backward import moe_experts_backward
 from .router import DeepSeekRouter
 
-# "torch" (default): the fp32 PyTorch backward, one expert at a time. "triton": the Triton
-# backward kernels (kernels/_backward.py); opt-in until the GPU tier and benchmarks have run it.
+# "triton" (default): the Triton backward kernels (kernels/_backward.py), from the forward's saved
+# pre-activations. "torch": the fp32 PyTorch backward, one expert at a time (the reference; it
+# recomputes instead, so it also allows a second backward through one forward).
 BACKWARD_ENV = "DEEPSEEK_MOE_BACKWARD"
 BACKWARDS = ("torch", "triton")
 
 
 def selected_backward() -> str:
-    name = os.environ.get(BACKWARD_ENV, "torch").strip() or "torch"
+    name = os.environ.get(BACKWARD_ENV, "triton").strip() or "triton"
     if name not in BACKWARDS:
         raise ValueError(f"{BACKWARD_ENV} must be one of {BACKWARDS}, got {name!r}")
     return name
@@ -53,20 +54,35 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
     def forward(ctx, x, topk_weights, topk_ids, gate_up_proj, down_proj, shared_gate, shared_up, shared_down):
         weights = ExpertWeights(gate_up_proj, down_proj, shared_gate, shared_up, shared_down)
         metadata = routing_metadata_for(topk_ids, weights)
-        out = moe_experts_forward(x, topk_weights, topk_ids, weights, metadata)
         ctx.backward = selected_backward()  # read at forward time: one choice per step
+        # The Triton backward starts from stage 1's pre-activations, which the forward kernel
+        # writes beside its output when a gradient will be needed (not under no_grad/inference).
+        save = ctx.backward == "triton" and any(ctx.needs_input_grad)
+        preacts = new_preactivations(x, weights, metadata) if save else None
+        out = moe_experts_forward(x, topk_weights, topk_ids, weights, metadata, preacts=preacts)
         # The metadata is neither an input nor an output: it is kept on ctx as autograd allows
-        # for intermediates; inputs go through save_for_backward.
+        # for intermediates; tensors go through save_for_backward.
         ctx.routing = metadata  # (ctx.metadata is taken: autograd keeps anomaly data there)
-        ctx.save_for_backward(x, topk_weights, gate_up_proj, down_proj, shared_gate, shared_up, shared_down)
+        ctx.preacts_consumed = False
+        saved_preacts = (preacts.routed, preacts.shared) if save else (None, None)
+        ctx.save_for_backward(
+            x, topk_weights, gate_up_proj, down_proj, shared_gate, shared_up, shared_down, *saved_preacts
+        )
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, topk_weights, *weight_tensors = ctx.saved_tensors
+        x, topk_weights, *weight_tensors, pre_routed, pre_shared = ctx.saved_tensors
         weights, metadata = ExpertWeights(*weight_tensors), ctx.routing
         if ctx.backward == "triton":
-            grads = moe_experts_backward(grad_out, x, topk_weights, weights, metadata)
+            if ctx.preacts_consumed:  # the first backward overwrote them with their gradients
+                raise RuntimeError(
+                    f"the fused MoE layer's Triton backward can run once per forward (retain_graph=True "
+                    f"and a second backward need {BACKWARD_ENV}=torch)"
+                )
+            ctx.preacts_consumed = True
+            preacts = PreActivations(pre_routed, pre_shared)
+            grads = moe_experts_backward(grad_out, x, topk_weights, weights, metadata, preacts)
         else:
             grads = experts_backward(grad_out, x, topk_weights, metadata.sorted_slot, metadata.expert_offsets, weights)
         dx, d_topk, *d_weights = grads

@@ -7,12 +7,12 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from strategies import moe_configs, num_tokens, routing_kinds, seeds
 
-from deepseek_moe_fused import MoEConfig
+from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig
 from deepseek_moe_fused._backward_torch import experts_backward
 from deepseek_moe_fused.kernels._alloc import poisoned_outputs
-from deepseek_moe_fused.kernels.launch import routing_metadata_for
+from deepseek_moe_fused.kernels.launch import moe_experts_forward, new_preactivations, routing_metadata_for
 from deepseek_moe_fused.kernels.launch_backward import moe_experts_backward
-from deepseek_moe_fused.moe_layer import BACKWARD_ENV, selected_backward
+from deepseek_moe_fused.moe_layer import BACKWARD_ENV, backward_selected, selected_backward
 from deepseek_moe_fused.testing import TOLERANCES, make_activations, make_moe_inputs
 
 GRAD_NAMES = ("x", "topk_weights", "gate_up_proj", "down_proj", "shared_gate", "shared_up", "shared_down")
@@ -32,7 +32,9 @@ def _run_both(config, T, kind, seed, device):
     metadata = routing_metadata_for(inputs.topk_ids, w)
     grad_out = make_activations(T, config.hidden_dim, seed=seed + 7, dtype=config.dtype, device=device)
     with poisoned_outputs():  # an element no kernel writes stays NaN
-        got = moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata)
+        preacts = new_preactivations(inputs.x, w, metadata)
+        moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, w, metadata, preacts=preacts)
+        got = moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata, preacts)
     want = experts_backward(grad_out, inputs.x, inputs.topk_weights, metadata.sorted_slot, metadata.expert_offsets, w)
     return got, want
 
@@ -74,6 +76,26 @@ def test_triton_backward_matches_pytorch(device, problem):
         assert diff <= bound, f"{name}: |diff| {diff:.3e} > {bound:.3e}"
 
 
+def test_forward_saves_the_preactivations(device):
+    # The Triton backward starts from these: each sorted row's [x W_gate^T | x W_up^T], and the
+    # shared MLP's per token. Poisoned first, so a row or column the forward skips shows as NaN.
+    config = MoEConfig(hidden_dim=40, intermediate_dim=24, num_experts=5, top_k=2, n_shared_experts=2, dtype=F32)
+    inputs = make_moe_inputs(config, 9, routing="zipf", seed=5, device=device)
+    w, x = inputs.weights, inputs.x
+    metadata = routing_metadata_for(inputs.topk_ids, w)
+    with poisoned_outputs():
+        preacts = new_preactivations(x, w, metadata)
+        moe_experts_forward(x, inputs.topk_weights, inputs.topk_ids, w, metadata, preacts=preacts)
+    slots = metadata.sorted_slot.long()
+    experts = inputs.topk_ids.reshape(-1)[slots]
+    tokens = slots // config.top_k
+    want_routed = torch.einsum("rh,rnh->rn", x[tokens].double(), w.gate_up_proj[experts].double())
+    want_shared = x.double() @ torch.cat([w.shared_gate, w.shared_up]).double().T
+    for got, want in ((preacts.routed, want_routed), (preacts.shared, want_shared)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("T", [0, 1, 5])  # empty batch, decode, a few tokens
 def test_triton_backward_is_deterministic(device, T):
     config = MoEConfig(hidden_dim=32, intermediate_dim=16, num_experts=6, top_k=2, n_shared_experts=1, dtype=F32)
@@ -89,3 +111,16 @@ def test_backward_choice_is_checked(monkeypatch):
         selected_backward()
     monkeypatch.setenv(BACKWARD_ENV, "triton")
     assert selected_backward() == "triton"
+
+
+def test_second_triton_backward_through_one_forward_raises(device):
+    # The first backward overwrites the saved pre-activations with their gradients: a second one
+    # (retain_graph=True) must refuse rather than differentiate garbage.
+    config = MoEConfig(hidden_dim=32, intermediate_dim=16, num_experts=4, top_k=2, dtype=F32)
+    layer = DeepSeekMoELayer(config, device=device)
+    x = make_activations(5, config.hidden_dim, seed=4, dtype=F32, device=device)
+    with backward_selected("triton"):
+        out = layer(x)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=BACKWARD_ENV):
+        out.sum().backward()

@@ -82,3 +82,26 @@ def test_forced_tiles_reject_unknown_names(monkeypatch):
     monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_q=3")
     with pytest.raises(ValueError, match="DEEPSEEK_MOE_FORCE_TILES"):
         _tiles.expert_tiles(120, 7, 33, 17, 0, 3, interpret=False)
+
+
+def test_backward_tiles_fit_the_element_size(monkeypatch):
+    monkeypatch.delenv(_tiles.FORCE_TILES_ENV, raising=False)
+    half = _tiles.backward_tiles(128, 2048, 1408, False, itemsize=2)
+    full = _tiles.backward_tiles(128, 2048, 1408, False, itemsize=4)
+    assert half.swiglu.block_m == half.dx.block_m == full.dx.block_m == 128  # the metadata's height
+
+    def pipeline_bytes(tile, itemsize):  # operand tiles held in shared memory, all stages
+        return (tile.block_m + tile.block_n) * tile.block_k * itemsize * tile.num_stages
+
+    # The bf16 tiles are the ones measured to fit on an H100; fp32 ones must need no more (bf16's
+    # 128 x 256 dX tiles in 4 stages asked for 288 KB in fp32, past the card's 227 KB).
+    for stage in ("swiglu", "dx", "weight_grad"):
+        assert pipeline_bytes(getattr(full, stage), 4) <= pipeline_bytes(getattr(half, stage), 2), stage
+
+
+def test_backward_tiles_take_the_override_but_keep_the_metadata_height(monkeypatch):
+    monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_m=16,block_n=32,num_stages=2")
+    tiles = _tiles.backward_tiles(64, 256, 128, False)
+    assert tiles.source.startswith("forced")
+    for stage in (tiles.swiglu, tiles.dx):
+        assert (stage.block_m, stage.block_n, stage.num_stages) == (64, 32, 2)

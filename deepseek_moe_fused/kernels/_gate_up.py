@@ -13,12 +13,15 @@ def _swiglu_tile(
     up_ptr,  # (n_cols, H) this program's up weight rows
     h_ptr,  # (rows, n_cols) output activations
     h_rows,  # (BLOCK_M,) int64: row of h each tile row writes
+    pre_ptr,  # (rows, 2 * n_cols) out when SAVE_PREACT: [gate | up] pre-activations, rows as h
     n_cols,
     H,
     stride_xt,
     stride_wn,
     stride_hm,
+    stride_pm,
     pid_n,
+    SAVE_PREACT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -48,9 +51,14 @@ def _swiglu_tile(
         acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_offs += BLOCK_K
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if SAVE_PREACT:  # for the Triton backward: saves recomputing both GEMMs there
+        pre_ptrs = pre_ptr + h_rows[:, None] * stride_pm + offs_n[None, :]
+        tl.store(pre_ptrs, acc_gate.to(pre_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(pre_ptrs + n_cols, acc_up.to(pre_ptr.dtype.element_ty), mask=out_mask)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     h_ptrs = h_ptr + h_rows[:, None] * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -62,6 +70,8 @@ def _gate_up_swiglu_kernel(
     w_shared_up_ptr,  # (S, H) shared experts' up
     h_routed_ptr,  # (T*K, I) out: routed activations, expert-sorted rows
     h_shared_ptr,  # (T, S) out: shared activations
+    pre_routed_ptr,  # (T*K, 2I) out when SAVE_PREACT: routed [gate | up] pre-activations, sorted rows
+    pre_shared_ptr,  # (T, 2S) out when SAVE_PREACT and SHARED: shared pre-activations
     sorted_slot_ptr,  # (T*K,) int32: slot (token*K + k) of each sorted row
     tile_expert_ptr,  # (max_tiles,) int32: expert of each routed tile, < 0 past the last
     tile_row_start_ptr,  # (max_tiles,) int32: first sorted row of each tile
@@ -78,8 +88,11 @@ def _gate_up_swiglu_kernel(
     stride_sn,
     stride_hr,
     stride_hs,
+    stride_pr,
+    stride_ps,
     ROUTED: tl.constexpr,
     SHARED: tl.constexpr,
+    SAVE_PREACT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -109,8 +122,8 @@ def _gate_up_swiglu_kernel(
             _swiglu_tile(
                 x_ptr, (slots // top_k).to(tl.int64), row_mask,
                 w_gate_ptr + expert_offset, w_up_ptr + expert_offset,
-                h_routed_ptr, rows.to(tl.int64),
-                I, H, stride_xt, stride_wn, stride_hr, pid % n_tiles_i,
+                h_routed_ptr, rows.to(tl.int64), pre_routed_ptr,
+                I, H, stride_xt, stride_wn, stride_hr, stride_pr, pid % n_tiles_i, SAVE_PREACT,
                 BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
             )  # fmt: skip
     elif SHARED:
@@ -122,7 +135,7 @@ def _gate_up_swiglu_kernel(
         _swiglu_tile(
             x_ptr, tokens, token_mask,
             w_shared_gate_ptr, w_shared_up_ptr,
-            h_shared_ptr, tokens,
-            S, H, stride_xt, stride_sn, stride_hs, local % n_tiles_s,
+            h_shared_ptr, tokens, pre_shared_ptr,
+            S, H, stride_xt, stride_sn, stride_hs, stride_ps, local % n_tiles_s, SAVE_PREACT,
             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
         )  # fmt: skip

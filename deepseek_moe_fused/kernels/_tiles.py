@@ -162,9 +162,38 @@ def tiles_for_block_m(block_m: int, hidden_dim: int, inner_dim: int, interpret: 
     return ExpertTiles(replace(tiles.gate_up, block_m=block_m), replace(tiles.down, block_m=block_m), tiles.source)
 
 
-def weight_grad_tiles(interpret: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_Q, BLOCK_R, num_warps) of the backward's grouped weight-gradient GEMMs."""
-    return (16, 16, 16, 4) if interpret else (64, 128, 64, 8)
+@dataclass(frozen=True)
+class BackwardTiles:
+    """Tiles of the three backward kernels. In `weight_grad`, block_m/block_n are the output tile
+    (rows of d W, columns of d W) and block_k the step over an expert's token rows."""
+
+    swiglu: TileConfig  # (routed tile, I columns); block_m is the routing metadata's tile height
+    dx: TileConfig  # (routed tile, H columns); same block_m
+    weight_grad: TileConfig
+    source: str
+
+
+def backward_tiles(block_m: int, hidden_dim: int, inner_dim: int, interpret: bool, itemsize: int = 2) -> BackwardTiles:
+    """The SwiGLU backward and dX kernels are one GEMM each per tile (the forward's down-stage
+    shape); the weight gradients are plain GEMMs over each expert's rows. Measured on the H100
+    (docs/perf-notes.md, backward v1): the SwiGLU epilogue keeps five (block_m, block_n) fp32
+    tiles live, so 64 columns (128 spill); wide dX tiles with a short k step; 128 x 128 weight
+    tiles. fp32 operands (itemsize 4) take half the pipeline stages: shared memory is the limit."""
+    if interpret:  # small tiles: the interpreter's cost grows with the tile, not the grid
+        swiglu = TileConfig(block_m, _pow2_clamp(inner_dim, 16, 64), _pow2_clamp(hidden_dim, 16, 64), 4, 1)
+        dx = TileConfig(block_m, _pow2_clamp(hidden_dim, 16, 64), _pow2_clamp(inner_dim, 16, 64), 4, 1)
+        return BackwardTiles(swiglu, dx, TileConfig(16, 16, 16, 4, 1), "interpreter")
+    warps = 8 if block_m >= 128 else 4
+    wide = itemsize <= 2
+    swiglu = TileConfig(block_m, 64, 64 if wide else 32, warps, 4 if wide else 3)
+    dx = TileConfig(block_m, 256 if block_m >= 128 and wide else 128, 32, warps, 4 if wide else 3)
+    weight_grad = TileConfig(128, 128, 64 if wide else 32, 8, 3)
+    tiles = BackwardTiles(swiglu, dx, weight_grad, "heuristic")
+    spec = _force_spec()
+    if spec:  # the forward's override, for the two row-tiled kernels
+        forced = (replace(_forced(t, spec), block_m=block_m) for t in (tiles.swiglu, tiles.dx))
+        tiles = BackwardTiles(*forced, tiles.weight_grad, f"forced by {FORCE_TILES_ENV}")
+    return tiles
 
 
 def combine_block_h(hidden_dim: int) -> int:

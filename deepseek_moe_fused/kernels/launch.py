@@ -72,6 +72,20 @@ class ExpertWeights:
                 check_tensor("shared_down", self.shared_down, shape=(H, S), **common)
 
 
+@dataclass(frozen=True)
+class PreActivations:
+    """Stage 1's gate and up pre-activations, written by the forward for the Triton backward
+    (which overwrites them with their gradients)."""
+
+    routed: torch.Tensor  # (T*K, 2I): [x W_gate^T | x W_up^T] of each expert-sorted row
+    shared: torch.Tensor | None  # (T, 2S) the same for the shared MLP; None without one
+
+
+def new_preactivations(x: torch.Tensor, weights: ExpertWeights, metadata: RoutingMetadata) -> PreActivations:
+    shared = new_output(x, (x.shape[0], 2 * weights.shared_dim)) if weights.has_shared else None
+    return PreActivations(new_output(x, (metadata.num_rows, 2 * weights.intermediate_dim)), shared)
+
+
 def check_routing(
     x: torch.Tensor, topk_weights: torch.Tensor | None, topk_ids: torch.Tensor, num_experts: int, validate_ids: bool
 ) -> None:
@@ -137,12 +151,14 @@ def gate_up_swiglu(
     routed: bool = True,
     shared: bool = True,
     tiles: _tiles.ExpertTiles | None = None,
+    preacts: PreActivations | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Stage 1: ``h_routed`` (T*K, I) in expert-sorted row order and ``h_shared`` (T, S).
 
     h = silu(x @ gate^T) * (x @ up^T). With both `routed` and `shared` (the default) it is one
     launch; the flags let a benchmark time the unfused ablation with the same kernel. A part that
     is not computed (flag off, or no shared expert) is returned as None, never as a stale buffer.
+    With `preacts`, the computed parts' pre-activations are written there too.
     """
     T, H = x.shape
     I, S = weights.intermediate_dim, weights.shared_dim
@@ -162,14 +178,17 @@ def gate_up_swiglu(
     shared_up = weights.shared_up if shared else up
     h_routed_arg = h_routed if routed else h_shared
     h_shared_arg = h_shared if shared else h_routed
+    save = preacts is not None
+    pre_routed = preacts.routed if save and routed else h_routed_arg
+    pre_shared = preacts.shared if save and shared else h_shared_arg
     _gate_up_swiglu_kernel[(num_programs,)](
         x, gate, up, shared_gate, shared_up,
-        h_routed_arg, h_shared_arg,
+        h_routed_arg, h_shared_arg, pre_routed, pre_shared,
         metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
         T, H, I, S, metadata.top_k, metadata.max_tiles,
         x.stride(0), gate.stride(0), gate.stride(1), shared_gate.stride(0),
-        h_routed_arg.stride(0), h_shared_arg.stride(0),
-        ROUTED=routed, SHARED=shared,
+        h_routed_arg.stride(0), h_shared_arg.stride(0), pre_routed.stride(0), pre_shared.stride(0),
+        ROUTED=routed, SHARED=shared, SAVE_PREACT=save,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **_kernel_flags(x.dtype),
@@ -247,19 +266,21 @@ def moe_experts_forward(
     metadata: RoutingMetadata | None = None,
     *,
     fuse_shared: bool = True,
+    preacts: PreActivations | None = None,
 ) -> torch.Tensor:
     """Unchecked three-stage expert forward (callers validate). `fuse_shared=False` launches the
-    shared MLP separately from the routed experts: the ablation that shows what fusing buys."""
+    shared MLP separately from the routed experts: the ablation that shows what fusing buys.
+    `preacts` (from `new_preactivations`) receives stage 1's pre-activations for the backward."""
     tiles = tiles_for(x.shape[0], weights, topk_ids.shape[1])  # once for both stages
     if metadata is None:
         metadata = routing_metadata_for(topk_ids, weights, tiles)
     stage = {"tiles": tiles}
     if fuse_shared or not weights.has_shared:
-        h_routed, h_shared = gate_up_swiglu(x, weights, metadata, **stage)
+        h_routed, h_shared = gate_up_swiglu(x, weights, metadata, preacts=preacts, **stage)
         y_routed, y_shared = down_proj(h_routed, h_shared, topk_weights, weights, metadata, **stage)
     else:
-        h_routed, _ = gate_up_swiglu(x, weights, metadata, shared=False, **stage)
-        _, h_shared = gate_up_swiglu(x, weights, metadata, routed=False, **stage)
+        h_routed, _ = gate_up_swiglu(x, weights, metadata, shared=False, preacts=preacts, **stage)
+        _, h_shared = gate_up_swiglu(x, weights, metadata, routed=False, preacts=preacts, **stage)
         y_routed, _ = down_proj(h_routed, h_shared, topk_weights, weights, metadata, shared=False, **stage)
         _, y_shared = down_proj(h_routed, h_shared, topk_weights, weights, metadata, routed=False, **stage)
     return combine(y_routed, y_shared)

@@ -1,0 +1,99 @@
+"""Time each stage of the Triton backward for candidate tiles (GPU): the numbers behind the
+backward's tile heuristic (kernels/_tiles.py `backward_tiles`, docs/perf-notes.md).
+
+    python tools/sweep_backward.py --presets seed deepseek-v2-lite --batch_sizes 2048 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+import triton.testing
+
+from deepseek_moe_fused.benchmark import make_layer, measure_ceilings
+from deepseek_moe_fused.config import PRESETS, MoEConfig
+from deepseek_moe_fused.kernels import _tiles
+from deepseek_moe_fused.kernels import launch_backward as stages
+from deepseek_moe_fused.kernels.launch import moe_experts_forward, new_preactivations, routing_metadata_for
+from deepseek_moe_fused.testing import make_activations
+
+# (block_n, block_k, num_warps, num_stages) of the two row-tiled kernels; weight-gradient tiles
+# as (block_p, block_q, block_r, num_warps, num_stages).
+SWIGLU = [(64, 64, 8, 4), (64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 4)]
+DX = [(256, 32, 8, 4), (256, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 5)]
+WEIGHT_GRAD = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+
+
+def median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float) -> None:
+    layer = make_layer(config, torch.device("cuda"), 0)
+    w = layer.expert_weights()
+    H, I, S, K = config.hidden_dim, config.intermediate_dim, config.shared_intermediate_dim, config.top_k
+    x = make_activations(num_tokens, H, seed=1, device="cuda")
+    dy = make_activations(num_tokens, H, seed=2, device="cuda")
+    with torch.no_grad():
+        _, topk_weights, topk_ids = layer.gate(x)
+    metadata = routing_metadata_for(topk_ids, w)
+    preacts = new_preactivations(x, w, metadata)
+    moe_experts_forward(x, topk_weights, topk_ids, w, metadata, preacts=preacts)
+    flat_weights = topk_weights.reshape(-1).float().contiguous()
+    base = _tiles.backward_tiles(metadata.block_m, H, max(I, S), False)
+    rows = num_tokens * K
+    print(f"\n== N={num_tokens} block_m={metadata.block_m} heuristic {base}")
+    # Timing repeats a stage on the same buffers: the SwiGLU stage rewrites the pre-activations in
+    # place each time, which changes their values but not the work.
+    act_routed, act_shared, _ = stages._swiglu_backward_stage(dy, flat_weights, w, metadata, preacts, base.swiglu)
+
+    def report(name, tiles, fn, flops):
+        try:
+            ms = median_ms(fn)
+        except triton.runtime.errors.OutOfResources:
+            print(f"  {name} {tiles}: out of resources")
+            return
+        rate = flops / ms / 1e9
+        print(f"  {name} {tiles}: {ms * 1e3:7.0f} us {rate:5.0f} TF/s ({100 * rate / matmul_tflops:.0f}% of ceiling)")
+
+    swiglu_flops = 2 * (rows * I + num_tokens * S) * H
+    for bn, bk, warps, st in SWIGLU:
+        t = replace(base.swiglu, block_n=bn, block_k=bk, num_warps=warps, num_stages=st)
+        fn = lambda t=t: stages._swiglu_backward_stage(dy, flat_weights, w, metadata, preacts, t)  # noqa: E731
+        report("swiglu", (bn, bk, warps, st), fn, swiglu_flops)
+    for bn, bk, warps, st in DX:
+        t = replace(base.dx, block_n=bn, block_k=bk, num_warps=warps, num_stages=st)
+        report(
+            "dx",
+            (bn, bk, warps, st),
+            lambda t=t: stages._dx_stage(num_tokens, preacts, w, metadata, t),
+            2 * swiglu_flops,
+        )
+    for cfg in WEIGHT_GRAD:
+        t = _tiles.TileConfig(*cfg)
+        fn = lambda t=t: stages._weight_grad_stage(x, dy, preacts.routed, act_routed, w, metadata, t)  # noqa: E731
+        report("weight grad", cfg, fn, 6 * rows * H * I)
+    if w.has_shared:
+        fn = lambda: stages._shared_weight_grads(x, dy, preacts.shared, act_shared)  # noqa: E731
+        report("shared weight grad (cuBLAS)", "-", fn, 6 * num_tokens * S * H)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["seed", "deepseek-v2-lite"], choices=sorted(PRESETS))
+    parser.add_argument("--batch_sizes", nargs="+", type=int, default=[2048, 8192])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sweep_backward.py times compiled kernels: it needs a CUDA device")
+    ceilings = measure_ceilings(torch.device("cuda"))
+    print(f"{torch.cuda.get_device_name()} | bf16 matmul ceiling {ceilings.matmul_tflops:.0f} TF/s")
+    for preset in args.presets:
+        print(f"\n#### {preset}")
+        for n in args.batch_sizes:
+            sweep(MoEConfig.from_preset(preset), n, ceilings.matmul_tflops)
+
+
+if __name__ == "__main__":
+    main()
