@@ -152,6 +152,9 @@ def _measure(preset: str, num_tokens: int) -> dict:
     grad = torch.randn_like(x)
 
     def timed_with_peak(key, fn):
+        # Each peak counts its own gradients: none may be left over from the previous run.
+        layer.zero_grad(set_to_none=True)
+        x_grad.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

@@ -328,7 +328,9 @@ def main(argv=None) -> int:
         if args.backward:
             from .benchmark_backward import bench_fwd_bwd
 
-            backward_row, backward_lines = bench_fwd_bwd(config, n, layer, on_gpu, args.seed, time_ms)
+            backward_row, backward_lines = bench_fwd_bwd(
+                config, n, layer, on_gpu, args.seed, time_ms, graph_ms=graph_median_ms, floor_us=row["floor_us"]
+            )
             row.update(backward_row)
             lines += backward_lines
             all_passed &= backward_row["grad_pass"] is not False

@@ -1,11 +1,18 @@
 """`python -m deepseek_moe_fused.benchmark --backward`: forward + backward of the whole layer.
 
 Per N: the layer's forward+backward with the PyTorch backward and with the Triton backward, the
-torch._grouped_mm pipeline under autograd, the peak device memory of each, and the Triton
-gradients against the PyTorch ones (PASS/FAIL). Eager medians: autograd is not graph-captured.
+torch._grouped_mm pipeline under autograd, the peak device memory of each, the Triton backward
+alone against its floor, and the Triton gradients against the PyTorch ones (PASS/FAIL). On a GPU
+the Triton and grouped_mm steps are timed twice: eagerly (with Python's launch overhead, as a
+plain training loop runs them) and as CUDA-graph replays of the whole step (device time, as a
+captured training step runs them); the backward alone is the replayed step minus the replayed
+forward.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 
@@ -31,6 +38,16 @@ def layer_fwd_bwd_step(layer, x, grad, backward: str):
     return step
 
 
+def layer_fwd_step(layer, x, backward: str):
+    """The forward alone, with autograd recording (and saving for backward) as in training."""
+
+    def step():
+        with backward_selected(backward):
+            layer(x)
+
+    return step
+
+
 def grouped_mm_fwd_bwd_step(layer, x, grad):
     """The layer's router, then the torch._grouped_mm pipeline under autograd, on its weights."""
 
@@ -43,11 +60,41 @@ def grouped_mm_fwd_bwd_step(layer, x, grad):
     return step
 
 
+def backward_only_ms(layer, x, grad, backward: str, on_gpu: bool, reps: int = 20, warmup: int = 3) -> float:
+    """Median time of the backward alone: a fresh forward before each (the Triton backward
+    consumes its forward's saved pre-activations), CUDA events around `backward()` only."""
+    times = []
+    for i in range(warmup + reps):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with backward_selected(backward):
+            out = layer(x)
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out.backward(grad)
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            began = time.perf_counter()
+            out.backward(grad)
+            elapsed = (time.perf_counter() - began) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
 def _grads(layer, x) -> list[torch.Tensor]:
     return [x.grad] + [p.grad for p in layer.parameters()]
 
 
-def bench_fwd_bwd(config, num_tokens, layer, on_gpu, seed, time_ms) -> tuple[dict, list[str]]:
+def bench_fwd_bwd(
+    config, num_tokens, layer, on_gpu, seed, time_ms, graph_ms=None, floor_us=None
+) -> tuple[dict, list[str]]:
+    """`floor_us`: the forward's roofline floor. The backward's is twice that: dX and the weight
+    gradients are each one GEMM of the forward's size per forward GEMM (and it reads the weights
+    and writes their gradients: twice the bytes)."""
     device = layer.experts.gate_up_proj.device
     x = make_activations(num_tokens, config.hidden_dim, seed=seed + 1, dtype=config.dtype, device=device)
     x = x.requires_grad_()
@@ -62,6 +109,9 @@ def bench_fwd_bwd(config, num_tokens, layer, on_gpu, seed, time_ms) -> tuple[dic
     row, peaks = {}, {}
     for name, fn in runs.items():
         if on_gpu:
+            # Each peak counts its own gradients: none may be left over from the previous run.
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -69,6 +119,16 @@ def bench_fwd_bwd(config, num_tokens, layer, on_gpu, seed, time_ms) -> tuple[dic
         if on_gpu:
             peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
             row[f"fwd_bwd_{name}_peak_mb"] = peaks[name]
+    if on_gpu and graph_ms is not None:
+        for name in ("triton_bwd", "grouped_mm"):
+            if name in runs:
+                row[f"fwd_bwd_{name}_graph_ms"] = graph_ms(runs[name])
+        forward_ms = graph_ms(layer_fwd_step(layer, x, "triton"))
+        row["bwd_triton_ms"] = row["fwd_bwd_triton_bwd_graph_ms"] - forward_ms
+    else:
+        row["bwd_triton_ms"] = backward_only_ms(layer, x, grad, "triton", on_gpu, reps=2, warmup=1)
+    row["bwd_floor_us"] = 2 * floor_us if floor_us else None
+    row["bwd_pct_of_floor"] = 100 * row["bwd_floor_us"] / (row["bwd_triton_ms"] * 1e3) if floor_us else None
     # Gradients: Triton against PyTorch where both ran (twice the dtype's bound: both round).
     passed, worst = None, None  # None: no PyTorch backward to compare with (too large)
     if "torch_bwd" in runs:
@@ -94,10 +154,20 @@ def bench_fwd_bwd(config, num_tokens, layer, on_gpu, seed, time_ms) -> tuple[dic
     speedup = ""
     if "grouped_mm" in runs:
         speedup = f" | Triton bwd {row['fwd_bwd_grouped_mm_ms'] / row['fwd_bwd_triton_bwd_ms']:.2f}x vs grouped_mm"
+    graphed = ""
+    if "fwd_bwd_triton_bwd_graph_ms" in row:
+        t, g = row["fwd_bwd_triton_bwd_graph_ms"], row.get("fwd_bwd_grouped_mm_graph_ms")
+        graphed = f"  fwd+bwd graph replay: Triton bwd {t:.3f}ms" + (
+            f" | grouped_mm autograd {g:.3f}ms | {g / t:.2f}x" if g else ""
+        )
     verdict = "grads n/a" if passed is None else f"{'✓ PASS' if passed else '✗ FAIL'} grads (worst rel {worst:.2e})"
     lines = [
         f"  fwd+bwd: {verdict} | "
         f"Triton bwd: {fmt('triton_bwd')} | PyTorch bwd: {fmt('torch_bwd')} | grouped_mm autograd: "
         f"{fmt('grouped_mm')}{speedup}"
     ]
+    if graphed:
+        lines.append(graphed)
+    bwd_floor = f" ({row['bwd_pct_of_floor']:.0f}% of its floor {row['bwd_floor_us']:.0f}us)" if floor_us else ""
+    lines.append(f"  Triton backward alone: {row['bwd_triton_ms']:.3f}ms{bwd_floor}")
     return row, lines
