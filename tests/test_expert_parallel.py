@@ -3,6 +3,7 @@ gradient. gloo with 2 and 3 CPU processes (kernels in the interpreter) in the CP
 one process per GPU (2 or more GPUs) in the GPU tier."""
 
 import faulthandler
+import itertools
 import os
 import sys
 import tempfile
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from strategies import moe_configs, routing_kinds, seeds
 
@@ -87,11 +88,19 @@ def _check_layer(rank, world, config, tokens, seed, device):
     x_all = make_activations(sum(tokens), config.hidden_dim, seed=seed, dtype=torch.float32, device=device)
     x_all.requires_grad_()
     grad_all = make_activations(sum(tokens), config.hidden_dim, seed=seed + 1, dtype=torch.float32, device=device)
-    full(x_all).backward(grad_all)
+    # The reference runs each rank's tokens as a batch of its own: its router GEMM then has the
+    # EP rank's shape, so near-ties in the top-k break the same way (a GEMM's rounding depends on
+    # its row count through the BLAS algorithm choice, and one flipped expert is not a tolerance).
+    for lo, hi in zip(itertools.accumulate([0, *tokens[:-1]]), itertools.accumulate(tokens)):
+        if hi > lo:
+            full(x_all[lo:hi]).backward(grad_all[lo:hi])
+    for tensor in (x_all, *full.parameters()):  # no tokens anywhere: no gradient was made
+        if tensor.grad is None:
+            tensor.grad = torch.zeros_like(tensor)
     x = x_all.detach()[start:end].clone().requires_grad_()
     out = ep(x)
     out.backward(grad_all[start:end])
-    _close(out, full(x_all.detach())[start:end], "output")
+    _close(out, full(x_all.detach()[start:end]), "output")
     _grad_close(x.grad, x_all.grad[start:end], "dx")
     first = expert_bounds(config.num_experts, world)[rank]
     count = ep.experts.gate_up_proj.shape[0]
@@ -158,7 +167,13 @@ def nccl_cases(draw):
 
 
 @pytest.mark.gpu
-@settings(max_examples=int(os.environ.get("EP_EXAMPLES", "6")), deadline=None)
+# No shrinking: each step would start the ranks again (tens of seconds with their compiles); the
+# failing example is reported as found.
+@settings(
+    max_examples=int(os.environ.get("EP_EXAMPLES", "6")),
+    deadline=None,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
+)
 @given(case=nccl_cases())
 def test_expert_parallel_on_nccl_equals_single_gpu(case):
     """One process per GPU over NCCL, against one GPU holding all experts (compiled kernels)."""
