@@ -41,7 +41,7 @@ def ep_moe_experts(
     group,
 ) -> torch.Tensor:
     """Routed experts across the group + the local shared MLP: (T, H) in x's dtype."""
-    from .moe_layer import FusedMoEExpertsFunction
+    from .moe_layer import experts_autograd
 
     world = dist.get_world_size(group)
     T, K = topk_ids.shape
@@ -60,17 +60,13 @@ def ep_moe_experts(
     local_ids = _exchange((ids[order] - bounds[owner[order]]).contiguous(), send_counts, recv_counts, group)
 
     # Each received row is one slot: run it as a K=1 problem on the local experts, weight applied.
-    y_recv = FusedMoEExpertsFunction.apply(
-        x_recv, w_recv[:, None], local_ids[:, None], local.gate_up_proj, local.down_proj, None, None, None
-    )
+    routed_only = ExpertWeights(local.gate_up_proj, local.down_proj)
+    y_recv = experts_autograd(x_recv, w_recv[:, None], local_ids[:, None], routed_only)
     y_sorted = _exchange(y_recv, recv_counts, send_counts, group)  # back to the senders, same order
     y_slots = torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(T, K, x.shape[1])
     out = y_slots.float().sum(dim=1)  # slot 0 first: the same order on every run
     if local.has_shared:
         no_routing = topk_ids[:, :0]
-        shared = FusedMoEExpertsFunction.apply(
-            x, topk_weights[:, :0], no_routing, local.gate_up_proj, local.down_proj,
-            local.shared_gate, local.shared_up, local.shared_down,
-        )  # fmt: skip
+        shared = experts_autograd(x, topk_weights[:, :0], no_routing, local)
         out = out + shared.float()
     return out.to(x.dtype)

@@ -51,13 +51,15 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
     the gradient reaches the router weight through `topk_weights`."""
 
     @staticmethod
-    def forward(ctx, x, topk_weights, topk_ids, gate_up_proj, down_proj, shared_gate, shared_up, shared_down):
+    def forward(
+        ctx, will_backward, x, topk_weights, topk_ids, gate_up_proj, down_proj, shared_gate, shared_up, shared_down
+    ):
         weights = ExpertWeights(gate_up_proj, down_proj, shared_gate, shared_up, shared_down)
         metadata = routing_metadata_for(topk_ids, weights)
         ctx.backward = selected_backward()  # read at forward time: one choice per step
         # The Triton backward starts from stage 1's pre-activations, which the forward kernel
-        # writes beside its output when a gradient will be needed (not under no_grad/inference).
-        save = ctx.backward == "triton" and any(ctx.needs_input_grad)
+        # writes beside its output only when a backward can follow (see experts_autograd).
+        save = ctx.backward == "triton" and will_backward
         preacts = new_preactivations(x, weights, metadata) if save else None
         out = moe_experts_forward(x, topk_weights, topk_ids, weights, metadata, preacts=preacts)
         # The metadata is neither an input nor an output: it is kept on ctx as autograd allows
@@ -86,7 +88,20 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
         else:
             grads = experts_backward(grad_out, x, topk_weights, metadata.sorted_slot, metadata.expert_offsets, weights)
         dx, d_topk, *d_weights = grads
-        return (dx, d_topk, None, *d_weights)
+        return (None, dx, d_topk, None, *d_weights)
+
+
+def experts_autograd(x, topk_weights, topk_ids, weights: ExpertWeights) -> torch.Tensor:
+    """The fused experts as an autograd op. Inside `Function.forward` grad mode is always off and
+    `needs_input_grad` ignores no_grad, so whether a backward can follow is decided here: only
+    then does the forward save its pre-activations."""
+    tensors = (x, topk_weights, weights.gate_up_proj, weights.down_proj, weights.shared_gate, weights.shared_up,
+               weights.shared_down)  # fmt: skip
+    will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return FusedMoEExpertsFunction.apply(
+        will_backward, x, topk_weights, topk_ids, weights.gate_up_proj, weights.down_proj,
+        weights.shared_gate, weights.shared_up, weights.shared_down,
+    )  # fmt: skip
 
 
 class RoutedExperts(nn.Module):
@@ -203,10 +218,7 @@ class DeepSeekMoELayer(nn.Module):
 
             out = ep_moe_experts(x2d, topk_weights, topk_ids, weights, self.config.num_experts, self.ep_group)
         else:
-            out = FusedMoEExpertsFunction.apply(
-                x2d, topk_weights, topk_ids, weights.gate_up_proj, weights.down_proj,
-                weights.shared_gate, weights.shared_up, weights.shared_down,
-            )  # fmt: skip
+            out = experts_autograd(x2d, topk_weights, topk_ids, weights)
         out = out.view(orig_shape)
         return (out, router_logits) if return_router_logits else out
 

@@ -7,7 +7,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from strategies import moe_configs, num_tokens, routing_kinds, seeds
 
-from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig
+from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig, moe_layer
 from deepseek_moe_fused._backward_torch import experts_backward
 from deepseek_moe_fused.kernels._alloc import poisoned_outputs
 from deepseek_moe_fused.kernels.launch import moe_experts_forward, new_preactivations, routing_metadata_for
@@ -124,3 +124,24 @@ def test_second_triton_backward_through_one_forward_raises(device):
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match=BACKWARD_ENV):
         out.sum().backward()
+
+
+def test_preactivations_saved_only_when_a_backward_can_follow(device, monkeypatch):
+    # Inference (no_grad, inference_mode, nothing requiring grad) must not pay for the saved
+    # pre-activations; a training forward must save them.
+    saved = []
+    monkeypatch.setattr(moe_layer, "new_preactivations", lambda *args: saved.append(args) or new_preactivations(*args))
+    config = MoEConfig(hidden_dim=32, intermediate_dim=16, num_experts=4, top_k=2, dtype=F32)
+    layer = DeepSeekMoELayer(config, device=device)
+    x = make_activations(3, config.hidden_dim, seed=6, dtype=F32, device=device)
+    with backward_selected("triton"):
+        with torch.no_grad():
+            layer(x)
+        with torch.inference_mode():
+            layer(x)
+        layer.requires_grad_(False)
+        layer(x)
+        assert not saved
+        layer.requires_grad_(True)
+        layer(x).sum().backward()
+    assert len(saved) == 1
