@@ -5,9 +5,11 @@ one process per GPU (2 or more GPUs) in the GPU tier."""
 import faulthandler
 import itertools
 import os
+import queue
 import sys
 import tempfile
 import time
+import traceback
 
 import pytest
 import torch
@@ -23,19 +25,90 @@ from deepseek_moe_fused.kernels.launch import ExpertWeights
 from deepseek_moe_fused.testing import TOLERANCES, error_stats, make_activations, make_moe_inputs
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-# One example's processes must finish within this: a collective that never completes fails the test.
+# Every rank must finish one example within this: a collective that never completes fails the test.
 SPAWN_TIMEOUT_S = int(os.environ.get("EP_SPAWN_TIMEOUT_S", "120"))
 
 
-def _spawn(world, backend, *args):
-    with tempfile.TemporaryDirectory() as tmp:
-        context = mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), backend, *args), nprocs=world, join=False)
-        deadline = time.monotonic() + SPAWN_TIMEOUT_S
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                pytest.fail(f"{backend} expert-parallel ranks did not finish in {SPAWN_TIMEOUT_S} s (hung collective?)")
+class _Ranks:
+    """`world` ranks in one process group, kept for many examples: starting them (torch import,
+    device and process-group init, kernel compiles) takes tens of seconds, one check a second or
+    two. A failing or stuck case stops them all (a failed rank's peers may wait in a collective
+    forever); the next case starts fresh ones."""
+
+    def __init__(self, world: int, backend: str):
+        context = mp.get_context("spawn")
+        self._tmp = tempfile.TemporaryDirectory()
+        init_file = os.path.join(self._tmp.name, "init")
+        self.world, self.alive = world, True
+        self.results = context.Queue()
+        self.tasks = [context.Queue() for _ in range(world)]
+        self.processes = [
+            # daemon: ranks never outlive the test session, even one killed mid-example
+            context.Process(
+                target=_serve, args=(rank, world, init_file, backend, self.tasks[rank], self.results), daemon=True
+            )
+            for rank in range(world)
+        ]
+        for process in self.processes:
+            process.start()
+
+    def check(self, case) -> str | None:
+        """Runs one case on every rank: None if all passed, else what went wrong."""
+        for tasks in self.tasks:
+            tasks.put(case)
+        deadline, passed = time.monotonic() + SPAWN_TIMEOUT_S, 0
+        while passed < self.world:
+            try:
+                rank, error = self.results.get(timeout=1)
+            except queue.Empty:
+                dead = [rank for rank, p in enumerate(self.processes) if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.stop()
+                    return (
+                        f"ranks {dead} died"
+                        if dead
+                        else f"ranks did not finish in {SPAWN_TIMEOUT_S} s (hung collective?)"
+                    )
+                continue
+            if error is not None:
+                self.stop()
+                return f"rank {rank} failed:\n{error}"
+            passed += 1
+        return None
+
+    def stop(self, graceful: bool = False) -> None:
+        if graceful:
+            for tasks in self.tasks:
+                tasks.put(None)
+            for process in self.processes:
+                process.join(timeout=30)
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+        self._tmp.cleanup()
+        self.alive = False
+
+
+_RANKS: dict[tuple[int, str], _Ranks] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_ranks():
+    yield
+    for ranks in _RANKS.values():
+        if ranks.alive:
+            ranks.stop(graceful=True)
+    _RANKS.clear()
+
+
+def _run_on_ranks(world: int, backend: str, *case) -> None:
+    ranks = _RANKS.get((world, backend))
+    if ranks is None or not ranks.alive:
+        ranks = _RANKS[(world, backend)] = _Ranks(world, backend)
+    failure = ranks.check(case)
+    if failure is not None:
+        pytest.fail(f"{backend} expert parallelism over {world} ranks: {failure}")
 
 
 def _close(got, want, what):
@@ -54,26 +127,32 @@ def _grad_close(got, want, what):
     assert diff <= 1e-5 * want.double().norm() + 1e-7, f"rank {dist.get_rank()}: {what}: |diff| {diff:.3e}"
 
 
-def _worker(rank, world, init_file, backend, config, tokens, kind, seed):
-    # A rank stuck in a collective prints every thread's stack before the parent gives up on it.
-    faulthandler.dump_traceback_later(SPAWN_TIMEOUT_S - 10, exit=True)
+def _serve(rank, world, init_file, backend, tasks, results):
+    """One rank: joins the group once, then checks each case put on its queue (None: stop)."""
     device = torch.device("cpu")
     extra = {}
     if backend == "nccl":
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
         extra["device_id"] = device  # bind the communicator to this rank's GPU up front
-    verbose = bool(os.environ.get("EP_VERBOSE"))  # phase timings on stderr, for a slow or stuck rank
-    start = time.monotonic()
+    verbose = bool(os.environ.get("EP_VERBOSE"))  # per-case timings on stderr, for a slow or stuck rank
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world, **extra)
-    _check_layer(rank, world, config, tokens, seed, device)
-    if verbose:
-        print(f"rank {rank}: layer checked at {time.monotonic() - start:.1f} s", file=sys.stderr)
-    _check_given_routing(rank, world, config, tokens, kind, seed, device)
-    if verbose:
-        print(f"rank {rank}: given routings checked at {time.monotonic() - start:.1f} s", file=sys.stderr)
-    # Only after success: a rank whose check failed must exit with its error, not wait in the
-    # NCCL teardown for peers that are still inside a collective (that reads as a hang).
+    while (case := tasks.get()) is not None:
+        config, tokens, kind, seed = case
+        start = time.monotonic()
+        # A rank stuck in a collective prints every thread's stack before the parent gives up on it.
+        faulthandler.dump_traceback_later(SPAWN_TIMEOUT_S - 10, exit=True)
+        try:
+            _check_layer(rank, world, config, tokens, seed, device)
+            _check_given_routing(rank, world, config, tokens, kind, seed, device)
+        except BaseException:
+            # Report and leave without the group's teardown: peers may be inside a collective.
+            results.put((rank, traceback.format_exc()))
+            return
+        faulthandler.cancel_dump_traceback_later()
+        if verbose:
+            print(f"rank {rank}: {tokens} tokens checked in {time.monotonic() - start:.1f} s", file=sys.stderr)
+        results.put((rank, None))
     dist.destroy_process_group()
 
 
@@ -145,13 +224,13 @@ def ep_cases(draw):
     return world, config, tokens, draw(routing_kinds), draw(seeds)
 
 
-@settings(max_examples=int(os.environ.get("EP_EXAMPLES", "6")))  # each example starts 2-3 processes
+@settings(max_examples=int(os.environ.get("EP_EXAMPLES", "6")))
 @given(case=ep_cases())
 def test_expert_parallel_equals_single_process(case):
     if torch.cuda.is_available():
         pytest.skip("the gloo CPU test runs the kernels in the interpreter: the CPU tier's job")
     world, config, tokens, kind, seed = case
-    _spawn(world, "gloo", config, tokens, kind, seed)
+    _run_on_ranks(world, "gloo", config, tokens, kind, seed)
 
 
 @st.composite
@@ -180,4 +259,4 @@ def test_expert_parallel_on_nccl_equals_single_gpu(case):
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 or more GPUs for NCCL expert parallelism, found {torch.cuda.device_count()}")
     world, config, tokens, kind, seed = case
-    _spawn(world, "nccl", config, tokens, kind, seed)
+    _run_on_ranks(world, "nccl", config, tokens, kind, seed)
