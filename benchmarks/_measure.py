@@ -141,7 +141,9 @@ def _measure(preset: str, num_tokens: int) -> dict:
         out["layer_ms"] = _median_ms(lambda: layer(x))  # eager on purpose: what a caller sees
 
     from deepseek_moe_fused.benchmark_backward import (
+        GRAPHED_STEP_MAX_BYTES,
         TORCH_BACKWARD_MAX_BYTES,
+        graph_fwd_bwd_times,
         grouped_mm_fwd_bwd_step,
         layer_fwd_bwd_step,
     )
@@ -167,6 +169,13 @@ def _measure(preset: str, num_tokens: int) -> dict:
         timed_with_peak("fwd_bwd", layer_fwd_bwd_step(layer, x_grad, grad, "torch"))
     timed_with_peak("fwd_bwd_triton", layer_fwd_bwd_step(layer, x_grad, grad, "triton"))
     timed_with_peak("grouped_mm_fwd_bwd", grouped_mm_fwd_bwd_step(layer, x_grad, grad))
+    # The same steps replayed from CUDA graphs: device time, steady enough to gate on (where the
+    # captured step's gradients fit beside the eager ones).
+    if config.weight_bytes()[0] <= GRAPHED_STEP_MAX_BYTES:
+        graphed = graph_fwd_bwd_times(layer, x_grad, grad, graph_median_ms)
+        out["fwd_bwd_triton_graph_ms"] = graphed["fwd_bwd_triton_bwd_graph_ms"]
+        out["grouped_mm_fwd_bwd_graph_ms"] = graphed["fwd_bwd_grouped_mm_graph_ms"]
+        out["bwd_triton_graph_ms"] = graphed["bwd_triton_ms"]
     return _finish(out, config, topk_ids, num_tokens)
 
 
@@ -176,5 +185,7 @@ def _finish(out: dict, config, topk_ids, num_tokens: int) -> dict:
     floor_us = roofline_floor_us(config, topk_ids, ceilings())
     H, I, S, K = config.hidden_dim, config.intermediate_dim, config.shared_intermediate_dim, config.top_k
     out["pct_of_floor"] = 100 * floor_us / (out["fused_ms"] * 1e3)
+    if "bwd_triton_graph_ms" in out:  # the backward's floor is twice the forward's (bench_fwd_bwd says why)
+        out["bwd_triton_pct_of_floor"] = 100 * 2 * floor_us / (out["bwd_triton_graph_ms"] * 1e3)
     out["tflops"] = 6 * H * num_tokens * (K * I + S) / (out["fused_ms"] * 1e-3) / 1e12
     return out

@@ -67,3 +67,18 @@ class LayerForwardBackward(_Tracks):
     track_grouped_mm_fwd_bwd_peak_device_mb = _track(
         "grouped_mm_fwd_bwd_peak_mb", "MB", "Device memory of the grouped_mm pipeline's forward + backward."
     )
+
+
+class TrainingStepGraphed(_Tracks):
+    """Forward + backward replayed from CUDA graphs: device time of a training step, without the
+    Python launch overhead that moves eager small-batch times run to run."""
+
+    params = (list(PRESET_SIZES), _all_sizes(PRESET_SIZES))
+    track_fwd_bwd_triton_graph_ms = _track("fwd_bwd_triton_graph_ms", "ms", "Layer forward + Triton backward.")
+    track_grouped_mm_fwd_bwd_graph_ms = _track(
+        "grouped_mm_fwd_bwd_graph_ms", "ms", "grouped_mm pipeline forward + backward under autograd."
+    )
+    track_bwd_triton_graph_ms = _track("bwd_triton_graph_ms", "ms", "Triton backward alone (step - forward).")
+    track_bwd_triton_pct_of_floor = _track(
+        "bwd_triton_pct_of_floor", "%", "Backward floor (2x the forward's) / Triton backward (higher is better)."
+    )

@@ -23,6 +23,10 @@ from .testing import TOLERANCES, error_stats, make_activations
 # The PyTorch backward keeps fp32 gradients of every expert: for a V3 layer 45 GB beside 22.5 GB
 # of weights, past an 80 GB card. Skipped above this many routed-weight bytes.
 TORCH_BACKWARD_MAX_BYTES = 8 * 2**30
+# A captured training step keeps its gradients in the graph's private memory pool, beside the
+# eager step's cached ones: for a V3 layer (22.5 GB of experts) three copies of the weights' size
+# and the transients, too close to an 80 GB card. Replayed steps are timed below this.
+GRAPHED_STEP_MAX_BYTES = 8 * 2**30
 
 
 def layer_fwd_bwd_step(layer, x, grad, backward: str):
@@ -58,6 +62,17 @@ def grouped_mm_fwd_bwd_step(layer, x, grad):
         baselines.grouped_mm_moe_experts(x, w, ids, layer.expert_weights()).backward(grad)
 
     return step
+
+
+def graph_fwd_bwd_times(layer, x, grad, graph_ms, with_grouped_mm: bool = True) -> dict[str, float]:
+    """CUDA-graph replays (device time) of the whole training step with the Triton backward and of
+    the grouped_mm pipeline's, and the Triton backward alone: the replayed step minus the replayed
+    forward (with autograd recording, as in training)."""
+    times = {"fwd_bwd_triton_bwd_graph_ms": graph_ms(layer_fwd_bwd_step(layer, x, grad, "triton"))}
+    if with_grouped_mm:
+        times["fwd_bwd_grouped_mm_graph_ms"] = graph_ms(grouped_mm_fwd_bwd_step(layer, x, grad))
+    times["bwd_triton_ms"] = times["fwd_bwd_triton_bwd_graph_ms"] - graph_ms(layer_fwd_step(layer, x, "triton"))
+    return times
 
 
 def backward_only_ms(layer, x, grad, backward: str, on_gpu: bool, reps: int = 20, warmup: int = 3) -> float:
@@ -119,12 +134,8 @@ def bench_fwd_bwd(
         if on_gpu:
             peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
             row[f"fwd_bwd_{name}_peak_mb"] = peaks[name]
-    if on_gpu and graph_ms is not None:
-        for name in ("triton_bwd", "grouped_mm"):
-            if name in runs:
-                row[f"fwd_bwd_{name}_graph_ms"] = graph_ms(runs[name])
-        forward_ms = graph_ms(layer_fwd_step(layer, x, "triton"))
-        row["bwd_triton_ms"] = row["fwd_bwd_triton_bwd_graph_ms"] - forward_ms
+    if on_gpu and graph_ms is not None and routed_bytes <= GRAPHED_STEP_MAX_BYTES:
+        row.update(graph_fwd_bwd_times(layer, x, grad, graph_ms, with_grouped_mm="grouped_mm" in runs))
     else:
         row["bwd_triton_ms"] = backward_only_ms(layer, x, grad, "triton", on_gpu, reps=2, warmup=1)
     row["bwd_floor_us"] = 2 * floor_us if floor_us else None
