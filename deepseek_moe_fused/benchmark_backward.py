@@ -75,7 +75,7 @@ def graph_fwd_bwd_times(layer, x, grad, graph_ms, with_grouped_mm: bool = True) 
     return times
 
 
-def backward_only_ms(layer, x, grad, backward: str, on_gpu: bool, reps: int = 20, warmup: int = 3) -> float:
+def backward_only_ms(layer, x, grad, backward: str, on_gpu: bool, reps: int, warmup: int) -> float:
     """Median time of the backward alone: a fresh forward before each (the Triton backward
     consumes its forward's saved pre-activations), CUDA events around `backward()` only."""
     times = []
@@ -121,7 +121,7 @@ def bench_fwd_bwd(
         runs["torch_bwd"] = layer_fwd_bwd_step(layer, x, grad, "torch")
     if on_gpu and baselines.grouped_mm_available():
         runs["grouped_mm"] = grouped_mm_fwd_bwd_step(layer, x, grad)
-    row, peaks = {}, {}
+    row = {}
     for name, fn in runs.items():
         if on_gpu:
             # Each peak counts its own gradients: none may be left over from the previous run.
@@ -132,8 +132,7 @@ def bench_fwd_bwd(
             base = torch.cuda.memory_allocated()
         row[f"fwd_bwd_{name}_ms"] = time_ms(fn, on_gpu)
         if on_gpu:
-            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            row[f"fwd_bwd_{name}_peak_mb"] = peaks[name]
+            row[f"fwd_bwd_{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     if on_gpu and graph_ms is not None and routed_bytes <= GRAPHED_STEP_MAX_BYTES:
         row.update(graph_fwd_bwd_times(layer, x, grad, graph_ms, with_grouped_mm="grouped_mm" in runs))
     else:
@@ -159,7 +158,7 @@ def bench_fwd_bwd(
 
     def fmt(name):
         ms = row.get(f"fwd_bwd_{name}_ms")
-        peak = peaks.get(name)
+        peak = row.get(f"fwd_bwd_{name}_peak_mb")
         return "n/a" if ms is None else f"{ms:.3f}ms" + (f" ({peak:.0f} MB)" if peak is not None else "")
 
     speedup = ""

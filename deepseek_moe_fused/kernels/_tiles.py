@@ -155,11 +155,20 @@ def _expert_tiles(num_tokens, num_experts, hidden_dim, inner_dim, shared_dim, to
     return _apply_force(tiles, spec)
 
 
+def _forced_at_height(config: TileConfig, spec: str) -> TileConfig:
+    """The override applied to a row-tiled kernel whose routing metadata is already cut: its tile
+    height is fixed, so a forced block_m cannot apply."""
+    return replace(_forced(config, spec), block_m=config.block_m)
+
+
 def tiles_for_block_m(block_m: int, hidden_dim: int, inner_dim: int, interpret: bool) -> ExpertTiles:
     """For routing metadata cut with a tile height the table did not pick (built by a caller)."""
-    tiles = _apply_force(heuristic_tiles(block_m, hidden_dim, inner_dim, interpret), _force_spec())
-    # The metadata's tile height is fixed: a forced block_m cannot apply to it.
-    return ExpertTiles(replace(tiles.gate_up, block_m=block_m), replace(tiles.down, block_m=block_m), tiles.source)
+    tiles = heuristic_tiles(block_m, hidden_dim, inner_dim, interpret)
+    spec = _force_spec()
+    if not spec:
+        return tiles
+    forced = (_forced_at_height(t, spec) for t in (tiles.gate_up, tiles.down))
+    return ExpertTiles(*forced, f"forced by {FORCE_TILES_ENV}")
 
 
 @dataclass(frozen=True)
@@ -179,10 +188,9 @@ def backward_tiles(block_m: int, hidden_dim: int, inner_dim: int, interpret: boo
     (docs/perf-notes.md, backward v1): the SwiGLU epilogue keeps five (block_m, block_n) fp32
     tiles live, so 64 columns (128 spill); wide dX tiles with a short k step; 128 x 128 weight
     tiles. fp32 operands (itemsize 4) take half the pipeline stages: shared memory is the limit."""
-    if interpret:  # small tiles: the interpreter's cost grows with the tile, not the grid
-        swiglu = TileConfig(block_m, _pow2_clamp(inner_dim, 16, 64), _pow2_clamp(hidden_dim, 16, 64), 4, 1)
-        dx = TileConfig(block_m, _pow2_clamp(hidden_dim, 16, 64), _pow2_clamp(inner_dim, 16, 64), 4, 1)
-        return BackwardTiles(swiglu, dx, TileConfig(16, 16, 16, 4, 1), "interpreter")
+    if interpret:  # the forward's interpreter tiles: the SwiGLU backward has stage 1's shape, dX stage 2's
+        tiles = heuristic_tiles(block_m, hidden_dim, inner_dim, interpret)
+        return BackwardTiles(tiles.gate_up, tiles.down, TileConfig(16, 16, 16, 4, 1), tiles.source)
     warps = 8 if block_m >= 128 else 4
     wide = itemsize <= 2
     swiglu = TileConfig(block_m, 64, 64 if wide else 32, warps, 4 if wide else 3)
@@ -191,7 +199,7 @@ def backward_tiles(block_m: int, hidden_dim: int, inner_dim: int, interpret: boo
     tiles = BackwardTiles(swiglu, dx, weight_grad, "heuristic")
     spec = _force_spec()
     if spec:  # the forward's override, for the two row-tiled kernels
-        forced = (replace(_forced(t, spec), block_m=block_m) for t in (tiles.swiglu, tiles.dx))
+        forced = (_forced_at_height(t, spec) for t in (tiles.swiglu, tiles.dx))
         tiles = BackwardTiles(*forced, tiles.weight_grad, f"forced by {FORCE_TILES_ENV}")
     return tiles
 
