@@ -42,6 +42,19 @@ def test_nearest_batch_on_a_log_scale(num_tokens, expected):
     assert _tiles.nearest_batch(measured, num_tokens) == expected
 
 
+@pytest.mark.parametrize(
+    "num_rows, num_experts, expected",
+    [
+        (0, 0, 16),  # an expert-parallel rank holding no experts (fewer experts than ranks)
+        (1, 64, 16),  # decode: the smallest height
+        (8 * 300, 8, 128),  # prefill: the largest
+        (6 * 64, 8, 64),  # mean 48 rows per expert: next power of two
+    ],
+)
+def test_heuristic_tile_height_follows_rows_per_expert(num_rows, num_experts, expected):
+    assert _tiles.heuristic_block_m(num_rows, num_experts, interpret=False) == expected
+
+
 def test_table_file_is_well_formed():
     """Every tuned entry names a block_m and two (block_n, block_k, num_warps, num_stages) configs."""
     if not _tiles.TUNED_TABLE.exists():

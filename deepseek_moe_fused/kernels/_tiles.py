@@ -74,8 +74,9 @@ def heuristic_tiles(block_m: int, hidden_dim: int, inner_dim: int, interpret: bo
 
 
 def heuristic_block_m(num_rows: int, num_experts: int, interpret: bool) -> int:
-    """Tile height from the mean rows per expert: small batches waste less on padded rows."""
-    return 16 if interpret else _pow2_clamp(int(num_rows / num_experts), 16, 128)
+    """Tile height from the mean rows per expert: small batches waste less on padded rows. An
+    expert-parallel rank can hold no experts (fewer experts than ranks): it gets rows for none."""
+    return 16 if interpret else _pow2_clamp(int(num_rows / max(num_experts, 1)), 16, 128)
 
 
 @functools.cache
