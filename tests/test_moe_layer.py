@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
-from strategies import MAX_ROWS, TOKENS, moe_configs, num_tokens, seeds
+from strategies import MAX_ROWS, TOKENS, assume_well_conditioned, moe_configs, num_tokens, seeds
 
 from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig
 from deepseek_moe_fused.moe_layer import BACKWARDS, backward_selected
@@ -43,7 +43,12 @@ def test_layer_matches_oracle(device, config, data, seed):
         out, logits = layer(x, return_router_logits=True)
         _, _, topk_ids = layer.gate(x)
     assert out.dtype == config.dtype and out.shape == x.shape and logits.shape == (T, config.num_experts)
-    stats = error_stats(out, _oracle(layer, x, logits, topk_ids))
+    ref = _oracle(layer, x, logits, topk_ids)
+    # Found by fuzzing: H=1 with 55 slots summed whose terms cancel 500x (fp32 error 46 u).
+    weights64 = oracle_topk_weights(logits, topk_ids, layer.config)
+    assume_well_conditioned((x, weights64, topk_ids, layer.experts.gate_up_proj, layer.experts.down_proj,
+                             *_shared(layer)), ref)  # fmt: skip
+    stats = error_stats(out, ref)
     assert stats.within(TOLERANCES[config.dtype]), stats
 
 

@@ -101,14 +101,14 @@ def test_backward_tiles_fit_the_element_size(monkeypatch):
     monkeypatch.delenv(_tiles.FORCE_TILES_ENV, raising=False)
     half = _tiles.backward_tiles(128, 2048, 1408, False, itemsize=2)
     full = _tiles.backward_tiles(128, 2048, 1408, False, itemsize=4)
-    assert half.swiglu.block_m == half.dx.block_m == full.dx.block_m == 128  # the metadata's height
+    assert half.down_grad.block_m == half.dx.block_m == full.dx.block_m == 128  # the metadata's height
 
     def pipeline_bytes(tile, itemsize):  # operand tiles held in shared memory, all stages
         return (tile.block_m + tile.block_n) * tile.block_k * itemsize * tile.num_stages
 
     # The bf16 tiles are the ones measured to fit on an H100; fp32 ones must need no more (bf16's
     # 128 x 256 dX tiles in 4 stages asked for 288 KB in fp32, past the card's 227 KB).
-    for stage in ("swiglu", "dx", "weight_grad"):
+    for stage in ("down_grad", "dx", "weight_grad"):
         assert pipeline_bytes(getattr(full, stage), 4) <= pipeline_bytes(getattr(half, stage), 2), stage
 
 
@@ -116,5 +116,5 @@ def test_backward_tiles_take_the_override_but_keep_the_metadata_height(monkeypat
     monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_m=16,block_n=32,num_stages=2")
     tiles = _tiles.backward_tiles(64, 256, 128, False)
     assert tiles.source.startswith("forced")
-    for stage in (tiles.swiglu, tiles.dx):
+    for stage in (tiles.down_grad, tiles.dx):
         assert (stage.block_m, stage.block_n, stage.num_stages) == (64, 32, 2)

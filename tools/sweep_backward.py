@@ -19,11 +19,13 @@ from deepseek_moe_fused.kernels import launch_backward as stages
 from deepseek_moe_fused.kernels.launch import moe_experts_forward, new_preactivations, routing_metadata_for
 from deepseek_moe_fused.testing import make_activations
 
-# (block_n, block_k, num_warps, num_stages) of the two row-tiled kernels; weight-gradient tiles
-# as (block_p, block_q, block_r, num_warps, num_stages).
-SWIGLU = [(64, 64, 8, 4), (64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 4)]
+# (block_n, block_k, num_warps, num_stages) of the two row-tiled GEMMs; (block_m, block_n,
+# num_warps) of the elementwise SwiGLU backward; weight-gradient tiles as (block_p, block_q,
+# block_r, num_warps, num_stages).
+DOWN_GRAD = [(256, 64, 8, 3), (256, 32, 8, 4), (256, 64, 8, 4), (128, 64, 8, 4), (128, 64, 4, 4)]
+SWIGLU = [(16, 256, 4), (8, 512, 4), (32, 128, 4), (4, 1024, 4), (32, 256, 8)]
 DX = [(256, 32, 8, 4), (256, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 5)]
-WEIGHT_GRAD = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+WEIGHT_GRAD = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
 
 
 def median_ms(fn) -> float:
@@ -45,31 +47,41 @@ def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float) -> None:
     base = _tiles.backward_tiles(metadata.block_m, H, max(I, S), False)
     rows = num_tokens * K
     print(f"\n== N={num_tokens} block_m={metadata.block_m} heuristic {base}")
-    # Timing repeats a stage on the same buffers: the SwiGLU stage rewrites the pre-activations in
-    # place each time, which changes their values but not the work.
-    act_routed, act_shared, _ = stages._swiglu_backward_stage(dy, flat_weights, w, metadata, preacts, base.swiglu)
+    # Timing repeats a stage on the same buffers: the SwiGLU stage rewrites the pre-activations and
+    # dA in place each time, which changes their values but not the work.
+    act_routed, act_shared = stages._down_grad_stage(dy, w, metadata, base.down_grad)
 
-    def report(name, tiles, fn, flops):
+    def report(name, tiles, fn, flops=None, nbytes=None):
         try:
             ms = median_ms(fn)
         except triton.runtime.errors.OutOfResources:
             print(f"  {name} {tiles}: out of resources")
             return
-        rate = flops / ms / 1e9
-        print(f"  {name} {tiles}: {ms * 1e3:7.0f} us {rate:5.0f} TF/s ({100 * rate / matmul_tflops:.0f}% of ceiling)")
+        if flops is not None:
+            rate = flops / ms / 1e9
+            share = 100 * rate / matmul_tflops
+            print(f"  {name} {tiles}: {ms * 1e3:7.0f} us {rate:5.0f} TF/s ({share:.0f}% of ceiling)")
+        else:
+            print(f"  {name} {tiles}: {ms * 1e3:7.0f} us {nbytes / ms / 1e9:5.2f} TB/s")
 
-    swiglu_flops = 2 * (rows * I + num_tokens * S) * H
-    for bn, bk, warps, st in SWIGLU:
-        t = replace(base.swiglu, block_n=bn, block_k=bk, num_warps=warps, num_stages=st)
-        fn = lambda t=t: stages._swiglu_backward_stage(dy, flat_weights, w, metadata, preacts, t)  # noqa: E731
-        report("swiglu", (bn, bk, warps, st), fn, swiglu_flops)
+    down_grad_flops = 2 * (rows * I + num_tokens * S) * H
+    for bn, bk, warps, st in DOWN_GRAD:
+        t = replace(base.down_grad, block_n=bn, block_k=bk, num_warps=warps, num_stages=st)
+        fn = lambda t=t: stages._down_grad_stage(dy, w, metadata, t)  # noqa: E731
+        report("dY W_down", (bn, bk, warps, st), fn, down_grad_flops)
+    # Per element of (rows x I) + (T x S): reads dA, g, u; writes act, dg, du.
+    swiglu_bytes = 6 * (rows * I + num_tokens * S) * x.element_size()
+    for bm, bn, warps in SWIGLU:
+        t = _tiles.ElementwiseTiles(bm, bn, warps)
+        fn = lambda t=t: stages._swiglu_backward_stage(act_routed, act_shared, flat_weights, metadata, preacts, t)  # noqa: E731
+        report("swiglu", (bm, bn, warps), fn, nbytes=swiglu_bytes)
     for bn, bk, warps, st in DX:
         t = replace(base.dx, block_n=bn, block_k=bk, num_warps=warps, num_stages=st)
         report(
             "dx",
             (bn, bk, warps, st),
             lambda t=t: stages._dx_stage(num_tokens, preacts, w, metadata, t),
-            2 * swiglu_flops,
+            2 * down_grad_flops,
         )
     for cfg in WEIGHT_GRAD:
         t = _tiles.TileConfig(*cfg)

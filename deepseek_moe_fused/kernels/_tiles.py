@@ -173,35 +173,48 @@ def tiles_for_block_m(block_m: int, hidden_dim: int, inner_dim: int, interpret: 
 
 
 @dataclass(frozen=True)
+class ElementwiseTiles:
+    block_m: int  # whole rows per program
+    block_n: int  # columns per step along the row
+    num_warps: int
+
+
+@dataclass(frozen=True)
 class BackwardTiles:
-    """Tiles of the three backward kernels. In `weight_grad`, block_m/block_n are the output tile
+    """Tiles of the backward kernels. In `weight_grad`, block_m/block_n are the output tile
     (rows of d W, columns of d W) and block_k the step over an expert's token rows."""
 
-    swiglu: TileConfig  # (routed tile, I columns); block_m is the routing metadata's tile height
+    down_grad: TileConfig  # dY W_down: (routed tile, I columns); block_m is the metadata's tile height
+    swiglu: ElementwiseTiles  # the SwiGLU backward over whole rows
     dx: TileConfig  # (routed tile, H columns); same block_m
     weight_grad: TileConfig
     source: str
 
 
 def backward_tiles(block_m: int, hidden_dim: int, inner_dim: int, interpret: bool, itemsize: int = 2) -> BackwardTiles:
-    """The SwiGLU backward and dX kernels are one GEMM each per tile (the forward's down-stage
-    shape); the weight gradients are plain GEMMs over each expert's rows. Measured on the H100
-    (docs/perf-notes.md, backward v1): the SwiGLU epilogue keeps five (block_m, block_n) fp32
-    tiles live, so 64 columns (128 spill); wide dX tiles with a short k step; 128 x 128 weight
-    tiles. fp32 operands (itemsize 4) take half the pipeline stages: shared memory is the limit."""
-    if interpret:  # the forward's interpreter tiles: the SwiGLU backward has stage 1's shape, dX stage 2's
+    """dY W_down and dX are row-tiled GEMMs (the forward's down-stage shape, dX with two dots per
+    step); the weight gradients are plain GEMMs over each expert's rows. Measured on the H100
+    (docs/perf-notes.md, backward v1/v2): wide tiles with a short k step, 128 x 128 weight tiles.
+    fp32 operands (itemsize 4) take half the pipeline stages: shared memory is the limit."""
+    if interpret:  # the forward's interpreter tiles: dY W_down has stage 1's shape, dX stage 2's
         tiles = heuristic_tiles(block_m, hidden_dim, inner_dim, interpret)
-        return BackwardTiles(tiles.gate_up, tiles.down, TileConfig(16, 16, 16, 4, 1), tiles.source)
+        swiglu = ElementwiseTiles(16, _pow2_clamp(inner_dim, 16, 64), 4)
+        return BackwardTiles(tiles.gate_up, swiglu, tiles.down, TileConfig(16, 16, 16, 4, 1), tiles.source)
     warps = 8 if block_m >= 128 else 4
     wide = itemsize <= 2
-    swiglu = TileConfig(block_m, 64, 64 if wide else 32, warps, 4 if wide else 3)
-    dx = TileConfig(block_m, 256 if block_m >= 128 and wide else 128, 32, warps, 4 if wide else 3)
+    block_n = 256 if block_m >= 128 and wide else 128
+    down_grad = TileConfig(block_m, block_n, 64 if wide else 32, warps, 3)
+    dx = TileConfig(block_m, block_n, 32, warps, 4 if wide else 3)
     weight_grad = TileConfig(128, 128, 64 if wide else 32, 8, 3)
-    tiles = BackwardTiles(swiglu, dx, weight_grad, "heuristic")
+    tiles = BackwardTiles(down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, "heuristic")
     spec = _force_spec()
-    if spec:  # the forward's override, for the two row-tiled kernels
-        forced = (_forced_at_height(t, spec) for t in (tiles.swiglu, tiles.dx))
-        tiles = BackwardTiles(*forced, tiles.weight_grad, f"forced by {FORCE_TILES_ENV}")
+    if spec:  # the forward's override, for the two row-tiled GEMMs
+        tiles = replace(
+            tiles,
+            down_grad=_forced_at_height(tiles.down_grad, spec),
+            dx=_forced_at_height(tiles.dx, spec),
+            source=f"forced by {FORCE_TILES_ENV}",
+        )
     return tiles
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -13,8 +14,8 @@ from ..routing_metadata import RoutingMetadata, build_routing_metadata
 from . import _tiles
 from ._alloc import new_output
 from ._combine import _combine_kernel
-from ._down import _down_kernel
 from ._gate_up import _gate_up_swiglu_kernel
+from ._rows_matmul import _rows_matmul_kernel
 
 
 @dataclass(frozen=True)
@@ -210,35 +211,78 @@ def down_proj(
     """Stage 2: ``y_routed`` (T, K, H), each slot's expert output times its routing weight, and
     ``y_shared`` (T, H); a part that is not computed is returned as None."""
     T, K = topk_weights.shape
-    H, I, S = weights.hidden_dim, weights.intermediate_dim, weights.shared_dim
+    H = weights.hidden_dim
     shared = shared and weights.has_shared
     like = h_routed if routed else h_shared
     y_routed = new_output(like, (T, K, H)) if routed else None
     y_shared = new_output(like, (T, H)) if shared else None
     tiles = _checked_tiles(T, weights, metadata, tiles).down
-    bm, bn = tiles.block_m, tiles.block_n
-    n_tiles_h = triton.cdiv(H, bn)
-    num_programs = (metadata.max_tiles * n_tiles_h if routed else 0) + (triton.cdiv(T, bm) * n_tiles_h if shared else 0)
-    if num_programs == 0:
-        return y_routed, y_shared
-    # Pointer arguments of a disabled part get a tensor that exists; ROUTED/SHARED keep them unread.
-    shared_down = weights.shared_down if shared else weights.down_proj
-    h_routed_arg, h_shared_arg = (h_routed if routed else h_shared), (h_shared if shared else h_routed)
-    y_routed_arg, y_shared_arg = (y_routed if routed else y_shared), (y_shared if shared else y_routed)
-    _down_kernel[(num_programs,)](
-        h_routed_arg, h_shared_arg, weights.down_proj, shared_down,
-        topk_weights.contiguous(), y_routed_arg, y_shared_arg,
-        metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
-        T, H, I, S, metadata.max_tiles,
-        h_routed_arg.stride(0), h_shared_arg.stride(0),
-        weights.down_proj.stride(0), weights.down_proj.stride(1), shared_down.stride(0),
-        H, y_shared_arg.stride(0),
-        ROUTED=routed, SHARED=shared,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        **_kernel_flags(like.dtype),
+    # y = h @ W_down^T: the down weights read transposed, through their strides.
+    launch_rows_matmul(
+        RowsMatmul(h_routed, weights.down_proj, y_routed, b_transposed=True) if routed else None,
+        RowsMatmul(h_shared, weights.shared_down, y_shared, b_transposed=True) if shared else None,
+        metadata, T, tiles, topk_weights=topk_weights.contiguous(), out_by_slot=True,
     )  # fmt: skip
     return y_routed, y_shared
+
+
+class RowsMatmul(NamedTuple):
+    """One side (routed or shared) of a `_rows_matmul_kernel` launch: out = a @ b [+ a[:, n:] @ b2].
+    A NamedTuple and no views: this runs on every layer call (decode is host-bound)."""
+
+    a: torch.Tensor  # left operand rows: (rows, n) or (rows, 2n) with b2
+    b: torch.Tensor  # (E, n, n_cols) routed or (n, n_cols) shared; (.., n_cols, n) when b_transposed
+    out: torch.Tensor  # contiguous rows of n_cols: (rows, n_cols) or (T, K, n_cols) for slot rows
+    b2: torch.Tensor | None = None  # multiplies a's columns [n, 2n); shape and strides as b's
+    b_transposed: bool = False  # the operand is b's last two dims swapped
+
+
+def _right_operand(side: RowsMatmul) -> tuple[int, int, int, int, int]:
+    """(n_red, n_cols, expert stride, reduction stride, column stride) of side.b as the kernel reads it."""
+    *lead, rows, cols = side.b.shape
+    *lead_stride, stride_rows, stride_cols = side.b.stride()
+    stride_e = lead_stride[0] if lead else 0
+    if side.b_transposed:
+        return cols, rows, stride_e, stride_cols, stride_rows
+    return rows, cols, stride_e, stride_rows, stride_cols
+
+
+def launch_rows_matmul(
+    routed: RowsMatmul | None,
+    shared: RowsMatmul | None,
+    metadata: RoutingMetadata,
+    num_tokens: int,
+    tiles: _tiles.TileConfig,  # block_m must be the metadata's tile height
+    *,
+    topk_weights: torch.Tensor | None = None,  # (T, K) contiguous: routed output rows times their slot's weight
+    a_by_token: bool = False,  # routed rows of `a` are tokens (slot // K), not sorted rows
+    out_by_slot: bool = True,  # routed output rows are slots, else sorted rows
+) -> None:
+    """Routed experts' tiles and the shared MLP's in one launch (either side may be None)."""
+    bm, bn = tiles.block_m, tiles.block_n
+    # An absent side's pointers and sizes come from the present one; ROUTED/SHARED keep them unread.
+    r, s = routed or shared, shared or routed
+    n_red, n_cols, stride_be, stride_bk, stride_bn = _right_operand(r)
+    n_red_s, n_cols_s, _, stride_sbk, stride_sbn = _right_operand(s)
+    grid = (metadata.max_tiles * triton.cdiv(n_cols, bn) if routed else 0) + (
+        triton.cdiv(num_tokens, bm) * triton.cdiv(n_cols_s, bn) if shared else 0
+    )
+    if grid == 0:
+        return
+    two = r.b2 is not None
+    scale = topk_weights is not None
+    _rows_matmul_kernel[(grid,)](
+        r.a, s.a, r.b, r.b2 if two else r.b, s.b, s.b2 if two else s.b, topk_weights if scale else r.out,
+        r.out, s.out,
+        metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
+        num_tokens, metadata.top_k, metadata.max_tiles, n_red, n_cols, n_red_s, n_cols_s,
+        r.a.stride(0), s.a.stride(0), stride_be, stride_bk, stride_bn, stride_sbk, stride_sbn,
+        r.out.stride(-2), s.out.stride(-2),
+        ROUTED=routed is not None, SHARED=shared is not None, TWO=two,
+        A_BY_TOKEN=a_by_token, OUT_BY_SLOT=out_by_slot, SCALE=scale,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_kernel_flags(r.a.dtype),
+    )  # fmt: skip
 
 
 def combine(y_routed: torch.Tensor, y_shared: torch.Tensor | None) -> torch.Tensor:

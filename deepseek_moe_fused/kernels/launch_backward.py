@@ -4,9 +4,11 @@ Saved from the forward: X, the routing weights, the routing metadata, the weight
 gate/up pre-activations (`PreActivations`: (T*K, 2I) + (T, 2S) in X's dtype), written by the
 forward kernel beside its output. Saving them instead of recomputing them skips one gate/up GEMM
 (a quarter of the backward's GEMM work); the backward overwrites them with dG/dU, so they cost no
-second buffer. Transient in the backward: the SwiGLU outputs (T*K, I) + (T, S) and the per-slot
-dX (T, K, H) + (T, H), all in X's dtype. The shared MLP's weight gradients are dense GEMMs
-(cuBLAS); everything else runs in three Triton launches plus two grouped weight-gradient GEMMs.
+second buffer. Transient in the backward: dA = dY W_down (T*K, I) + (T, S), overwritten by the
+SwiGLU outputs that the down weight's gradient needs, and the per-slot dX (T, K, H) + (T, H), all
+in X's dtype. Launches: dY W_down (routed + shared), the SwiGLU backward (elementwise), dX (routed
++ shared), two grouped weight-gradient GEMMs; the shared MLP's weight gradients are dense GEMMs
+(cuBLAS).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from .._interpret import interpreter_active
 from ..routing_metadata import RoutingMetadata
 from . import _tiles
 from ._alloc import new_output
-from ._backward import _bwd_dx_kernel, _bwd_swiglu_kernel, _grouped_weight_grad_kernel
-from .launch import ExpertWeights, PreActivations, _kernel_flags, combine
+from ._backward import _grouped_weight_grad_kernel, _swiglu_bwd_kernel
+from .launch import ExpertWeights, PreActivations, RowsMatmul, _kernel_flags, combine, launch_rows_matmul
 
 
 def _grouped_weight_grad(a, b, out, metadata, tiles, *, a_by_token, b_by_token):
@@ -34,59 +36,59 @@ def _grouped_weight_grad(a, b, out, metadata, tiles, *, a_by_token, b_by_token):
     )  # fmt: skip
 
 
-def _swiglu_backward_stage(dy, flat_weights, weights: ExpertWeights, metadata, preacts, tiles: _tiles.TileConfig):
-    """Turns `preacts` into [dG | dU] in place; returns the SwiGLU outputs (routed ones times
-    their routing weight; sorted rows) and d(routing weight) (T*K,)."""
-    T, H = dy.shape
-    I, S = weights.intermediate_dim, weights.shared_dim
-    shared = weights.has_shared
-    # Every buffer below is written whole by the kernel (NaN-poisoned under poisoned_outputs()).
-    act_routed = new_output(dy, (metadata.num_rows, I))
-    act_shared = new_output(dy, (T, S)) if shared else None
-    n_tiles_i = triton.cdiv(I, tiles.block_n)
-    partial = new_output(flat_weights, (metadata.num_rows, n_tiles_i))
-    grid = metadata.max_tiles * n_tiles_i + (
-        triton.cdiv(T, tiles.block_m) * triton.cdiv(S, tiles.block_n) if shared else 0
-    )
-    # Pointer arguments of an absent shared MLP get tensors that exist; SHARED keeps them unread.
-    shared_down = weights.shared_down if shared else weights.down_proj
-    pre_shared = preacts.shared if shared else preacts.routed
-    act_shared_arg = act_shared if shared else act_routed
-    _bwd_swiglu_kernel[(grid,)](
-        dy, weights.down_proj, shared_down, flat_weights,
-        preacts.routed, pre_shared, act_routed, act_shared_arg, partial,
-        metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
-        T, H, I, S, metadata.top_k, metadata.max_tiles,
-        dy.stride(0), weights.down_proj.stride(0), weights.down_proj.stride(1), shared_down.stride(0),
-        preacts.routed.stride(0), pre_shared.stride(0), act_routed.stride(0), act_shared_arg.stride(0),
-        SHARED=shared, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_kernel_flags(dy.dtype),
+def _down_grad_stage(dy, weights: ExpertWeights, metadata, tiles: _tiles.TileConfig):
+    """dA = dY W_down for each sorted row (dY read by token) and for the shared MLP: one launch.
+    The buffers become the SwiGLU outputs in the next stage."""
+    T = dy.shape[0]
+    d_act_routed = new_output(dy, (metadata.num_rows, weights.intermediate_dim))
+    d_act_shared = new_output(dy, (T, weights.shared_dim)) if weights.has_shared else None
+    launch_rows_matmul(
+        RowsMatmul(dy, weights.down_proj, d_act_routed),
+        RowsMatmul(dy, weights.shared_down, d_act_shared) if weights.has_shared else None,
+        metadata, T, tiles, a_by_token=True, out_by_slot=False,
     )  # fmt: skip
-    return act_routed, act_shared, partial.sum(dim=1)  # fixed order over the I tiles
+    return d_act_routed, d_act_shared
+
+
+def _swiglu_backward_stage(
+    d_act_routed, d_act_shared, flat_weights, metadata, preacts: PreActivations, tiles: _tiles.ElementwiseTiles
+):
+    """In place: `preacts` become [dG | dU], the dA buffers the SwiGLU outputs (routed ones times
+    their routing weight). Returns d(routing weight) (T*K,) fp32 by slot."""
+    shared = preacts.shared is not None
+    T = preacts.shared.shape[0] if shared else 0
+    d_topk = new_output(flat_weights, (metadata.num_rows,))  # each slot written once
+    grid = triton.cdiv(metadata.num_rows, tiles.block_m) + (triton.cdiv(T, tiles.block_m) if shared else 0)
+    if grid == 0:
+        return d_topk
+    # Pointer arguments of an absent shared MLP get tensors that exist; SHARED keeps them unread.
+    pre_shared = preacts.shared if shared else preacts.routed
+    act_shared = d_act_shared if shared else d_act_routed
+    _swiglu_bwd_kernel[(grid,)](
+        preacts.routed, pre_shared, d_act_routed, act_shared, flat_weights, d_topk, metadata.sorted_slot,
+        T, metadata.num_rows, d_act_routed.shape[1], act_shared.shape[1],
+        preacts.routed.stride(0), pre_shared.stride(0), d_act_routed.stride(0), act_shared.stride(0),
+        SHARED=shared, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
+    )  # fmt: skip
+    return d_topk
 
 
 def _dx_stage(num_tokens: int, preacts, weights: ExpertWeights, metadata, tiles: _tiles.TileConfig):
-    """Each slot's share of dX (T, K, H) in slot order, and the shared MLP's (T, H)."""
-    dgu, dgu_s = preacts.routed, preacts.shared
-    T, K = num_tokens, metadata.top_k
-    H, I, S = weights.hidden_dim, weights.intermediate_dim, weights.shared_dim
-    shared = weights.has_shared
-    gate, up = weights.gate_up_proj[:, :I], weights.gate_up_proj[:, I:]
-    dx_slot = new_output(dgu, (T, K, H))
-    dx_shared = new_output(dgu, (T, H)) if shared else None
-    n_tiles_h = triton.cdiv(H, tiles.block_n)
-    grid = metadata.max_tiles * n_tiles_h + (triton.cdiv(T, tiles.block_m) * n_tiles_h if shared else 0)
-    shared_gate, shared_up = (weights.shared_gate, weights.shared_up) if shared else (gate, up)
-    dgu_s = dgu_s if shared else dgu
-    dx_shared_arg = dx_shared if shared else dx_slot
-    _bwd_dx_kernel[(grid,)](
-        dgu, dgu_s, gate, up, shared_gate, shared_up, dx_slot, dx_shared_arg,
-        metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
-        T, H, I, S, metadata.max_tiles,
-        dgu.stride(0), dgu_s.stride(0), gate.stride(0), gate.stride(1), shared_gate.stride(0),
-        H, dx_shared_arg.stride(0),
-        SHARED=shared, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_kernel_flags(dgu.dtype),
+    """Each slot's share of dX (T, K, H) in slot order, and the shared MLP's (T, H):
+    [dG | dU] @ [W_gate; W_up], two dots per step."""
+    I, H = weights.intermediate_dim, weights.hidden_dim
+    dx_slot = new_output(preacts.routed, (num_tokens, metadata.top_k, H))
+    dx_shared = new_output(preacts.routed, (num_tokens, H)) if weights.has_shared else None
+    w = weights.gate_up_proj
+    shared = None
+    if weights.has_shared:
+        gate_s, up_s = weights.shared_gate, weights.shared_up
+        if gate_s.stride() != up_s.stride():  # the kernel reads both through one set of strides
+            gate_s, up_s = gate_s.contiguous(), up_s.contiguous()
+        shared = RowsMatmul(preacts.shared, gate_s, dx_shared, b2=up_s)
+    launch_rows_matmul(
+        RowsMatmul(preacts.routed, w[:, :I], dx_slot, b2=w[:, I:]), shared, metadata, num_tokens, tiles,
+        out_by_slot=True,
     )  # fmt: skip
     return dx_slot, dx_shared
 
@@ -127,7 +129,8 @@ def moe_experts_backward(
     if tiles is None:
         inner = max(weights.intermediate_dim, weights.shared_dim)
         tiles = _tiles.backward_tiles(metadata.block_m, H, inner, interpreter_active(), x.element_size())
-    act_routed, act_shared, d_topk = _swiglu_backward_stage(dy, flat_weights, weights, metadata, preacts, tiles.swiglu)
+    act_routed, act_shared = _down_grad_stage(dy, weights, metadata, tiles.down_grad)
+    d_topk = _swiglu_backward_stage(act_routed, act_shared, flat_weights, metadata, preacts, tiles.swiglu)
     dx_slot, dx_shared = _dx_stage(T, preacts, weights, metadata, tiles.dx)
     d_gate_up, d_down = _weight_grad_stage(x, dy, preacts.routed, act_routed, weights, metadata, tiles.weight_grad)
     shared_grads = (None, None, None)

@@ -1,0 +1,158 @@
+"""One row-tiled grouped GEMM behind three launches: the forward's down projection (routing weight
+in the epilogue), and the backward's dY W_down and dX. Routed tiles of the routing metadata and
+token tiles of the shared MLP run in the same launch, as stage 1 reads X once for both."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_rows(tile, sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, expert, BLOCK_M: tl.constexpr):
+    """The sorted rows of a routed tile of `expert`, which of them exist, and their slots."""
+    rows = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
+    row_mask = rows < tl.load(expert_offsets_ptr + expert + 1)
+    slots = tl.load(sorted_slot_ptr + rows, mask=row_mask, other=0)
+    return rows, row_mask, slots
+
+
+@triton.jit
+def _rows_matmul_tile(
+    a_ptr,  # (rows, n_red) left operand; (rows, 2 * n_red) when TWO
+    a_rows,  # (BLOCK_M,) int64: row of a each tile row reads
+    row_mask,  # (BLOCK_M,) bool: tile rows that exist
+    b_ptr,  # (n_red, n_cols) strided: right operand of a's first n_red columns
+    b2_ptr,  # (n_red, n_cols) same strides: right operand of a's columns [n_red, 2 n_red) (TWO only)
+    scale,  # (BLOCK_M,) fp32: factor of each output row
+    out_ptr,  # (rows', n_cols) output
+    out_rows,  # (BLOCK_M,) int64: row of out each tile row writes
+    n_red,
+    n_cols,
+    stride_a,
+    stride_bk,
+    stride_bn,
+    stride_out,
+    pid_n,
+    TWO: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """out[out_rows, n-tile] = scale * (a[a_rows] @ b [+ a[a_rows, n_red:] @ b2]), fp32
+    accumulate, one rounding at the end. Strides of 1 are specialised by Triton, so a transposed
+    right operand costs nothing over a contiguous one."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = offs_n < n_cols
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a + offs_k[None, :]
+    b_offs = offs_k.to(tl.int64)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, n_red, BLOCK_K):
+        k_mask = offs_k < n_red - k0
+        a_mask = row_mask[:, None] & k_mask[None, :]
+        b_mask = k_mask[:, None] & col_mask[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0)
+        if UPCAST:  # the interpreter cannot multiply bf16
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if TWO:
+            a2 = tl.load(a_ptrs + n_red, mask=a_mask, other=0.0)
+            b2 = tl.load(b2_ptr + b_offs, mask=b_mask, other=0.0)
+            if UPCAST:
+                a2, b2 = a2.to(tl.float32), b2.to(tl.float32)
+            acc = tl.dot(a2, b2, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_offs += BLOCK_K * stride_bk
+    y = acc * scale[:, None]
+    out_ptrs = out_ptr + out_rows[:, None] * stride_out + offs_n[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _rows_matmul_kernel(
+    a_routed_ptr,  # (T*K, [2] n_red) expert-sorted rows, or (T, n_red) read by token when A_BY_TOKEN
+    a_shared_ptr,  # (T, [2] n_red_shared)
+    b_ptr,  # (E, n_red, n_cols) strided: routed right operands
+    b2_ptr,  # (E, n_red, n_cols) same strides (TWO only)
+    shared_b_ptr,  # (n_red_shared, n_cols_shared) strided
+    shared_b2_ptr,  # (n_red_shared, n_cols_shared) same strides (TWO only)
+    topk_weights_ptr,  # (T*K,) fp32: routing weight of each slot (SCALE only)
+    out_routed_ptr,  # (T*K, n_cols) out: by slot when OUT_BY_SLOT, else by sorted row
+    out_shared_ptr,  # (T, n_cols_shared) out
+    sorted_slot_ptr,  # (T*K,) int32: slot of each sorted row
+    tile_expert_ptr,  # (max_tiles,) int32: expert of each routed tile, < 0 past the last
+    tile_row_start_ptr,  # (max_tiles,) int32
+    expert_offsets_ptr,  # (E+1,) int32
+    T,
+    top_k,
+    max_tiles,
+    n_red,
+    n_cols,
+    n_red_shared,
+    n_cols_shared,
+    stride_ar,
+    stride_as,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_sbk,
+    stride_sbn,
+    stride_or,
+    stride_os,
+    ROUTED: tl.constexpr,
+    SHARED: tl.constexpr,
+    TWO: tl.constexpr,
+    A_BY_TOKEN: tl.constexpr,
+    OUT_BY_SLOT: tl.constexpr,
+    SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (max_tiles * cdiv(n_cols, BLOCK_N) [ROUTED] + cdiv(T, BLOCK_M) * cdiv(n_cols_shared, BLOCK_N) [SHARED],).
+
+    A routed program owns one (routed tile, column tile) of one expert; a program past the routed
+    ones owns one (token tile, column tile) of the shared MLP (scale 1). Every output element has
+    one owner: writing each slot to its own row (OUT_BY_SLOT) lets the K slots be summed after in
+    a fixed order, so results are deterministic.
+    """
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_cols, BLOCK_N)
+    num_routed = max_tiles * n_tiles if ROUTED else 0
+    offs_m = tl.arange(0, BLOCK_M)
+    if pid < num_routed:
+        tile = pid // n_tiles
+        expert = tl.load(tile_expert_ptr + tile)
+        if expert >= 0:
+            rows, row_mask, slots = _tile_rows(
+                tile, sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, expert, BLOCK_M
+            )
+            if SCALE:
+                scale = tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+            else:
+                scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+            a_rows = (slots // top_k).to(tl.int64) if A_BY_TOKEN else rows.to(tl.int64)
+            out_rows = slots.to(tl.int64) if OUT_BY_SLOT else rows.to(tl.int64)
+            e_offset = expert.to(tl.int64) * stride_be
+            _rows_matmul_tile(
+                a_routed_ptr, a_rows, row_mask, b_ptr + e_offset, b2_ptr + e_offset, scale,
+                out_routed_ptr, out_rows,
+                n_red, n_cols, stride_ar, stride_bk, stride_bn, stride_or, pid % n_tiles,
+                TWO, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+            )  # fmt: skip
+    elif SHARED:
+        local = pid - num_routed
+        n_tiles_s = tl.cdiv(n_cols_shared, BLOCK_N)
+        tokens = (local // n_tiles_s) * BLOCK_M + offs_m
+        token_mask = tokens < T
+        tokens = tokens.to(tl.int64)
+        _rows_matmul_tile(
+            a_shared_ptr, tokens, token_mask, shared_b_ptr, shared_b2_ptr, tl.full((BLOCK_M,), 1.0, tl.float32),
+            out_shared_ptr, tokens,
+            n_red_shared, n_cols_shared, stride_as, stride_sbk, stride_sbn, stride_os, local % n_tiles_s,
+            TWO, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
