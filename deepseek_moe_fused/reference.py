@@ -58,9 +58,11 @@ def oracle_moe_experts(
     down_proj: torch.Tensor,  # (E, H, I)
     *shared: torch.Tensor | None,  # shared gate (S, H), up (S, H), down (H, S), or nothing
 ) -> torch.Tensor:
-    """The same function in float64 on the CPU, the ground truth for tests: every expert runs densely
-    over all tokens and a (T, E) routing-weight matrix picks the result, so it shares no gather,
-    sort or index_add with the kernels or with the naive loop. Returns float64 (T, H)."""
+    """The same function in float64 on x's device, the ground truth for tests: every expert runs
+    densely over all tokens and a (T, E) routing-weight matrix picks the result, so it shares no
+    gather, sort or index_add with the kernels or with the naive loop. Returns float64 (T, H).
+    (Dense float64 over all experts is E times the routed work: on a GPU tier's shapes the CPU
+    took minutes per test; a GPU's float64 is IEEE too.)"""
     return _dense_oracle(x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared)
 
 
@@ -75,13 +77,13 @@ def oracle_magnitude(x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared
 
 
 def _dense_oracle(x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared, activation=F.silu):
-    f64 = {"dtype": torch.float64, "device": "cpu"}
+    f64 = {"dtype": torch.float64, "device": x.device}
     x, gate_up_proj, down_proj = (t.to(**f64) for t in (x, gate_up_proj, down_proj))
     E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
     T, _K = topk_ids.shape
     # dense_weights[t, e] = sum_k weight[t, k] * (ids[t, k] == e): repeated ids add up.
     dense_weights = torch.zeros(T, E, **f64)
-    dense_weights.scatter_add_(1, topk_ids.cpu().long(), topk_weights.to(**f64))
+    dense_weights.scatter_add_(1, topk_ids.to(x.device).long(), topk_weights.to(**f64))
     out = torch.zeros(T, x.shape[1], **f64)
     for expert in range(E):
         w = gate_up_proj[expert]

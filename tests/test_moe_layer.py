@@ -78,21 +78,21 @@ def test_gradients_match_float64_autograd(device, backward, config, T, seed):
     _, _, topk_ids = layer.gate(x)
 
     params = dict(layer.named_parameters())
-    params64 = {n: p.detach().double().cpu().requires_grad_() for n, p in params.items()}
-    x64 = x.detach().double().cpu().requires_grad_()
+    params64 = {n: p.detach().double().requires_grad_() for n, p in params.items()}
+    x64 = x.detach().double().requires_grad_()
     logits64 = x64 @ params64["gate.weight"].T
     weights64 = oracle_topk_weights(logits64, topk_ids, config)
     shared = [params64[f"shared_experts.{n}_proj.weight"] for n in ("gate", "up", "down")] if _shared(layer) else []
     ref = oracle_moe_experts(
         x64, weights64, topk_ids, params64["experts.gate_up_proj"], params64["experts.down_proj"], *shared
     )
-    ref.backward(grad_out.double().cpu())
+    ref.backward(grad_out.double())
     pairs = [("x", x.grad, x64.grad)] + [(n, params[n].grad, params64[n].grad) for n in params]
     # The problem's gradient scale: the largest float64 gradient norm of any tensor.
     scale = max(float(want.norm()) for _, _, want in pairs)
     for name, got, want in pairs:
         assert got is not None, f"no gradient for {name}"
-        diff = (got.detach().double().cpu() - want).norm()
+        diff = float((got.detach().double() - want).norm())
         # fp32 backward over sums of up to T*K*H products: 1e-5 relative in norm. The absolute
         # floor covers gradients that cancel to exactly zero in float64 (top_k=1 with
         # norm_topk_prob makes the routing weight constant): fp32 leaves eps32 (~1e-7) times the
