@@ -56,9 +56,8 @@ test-cpu:
 	TRITON_INTERPRET=1 $(PYTEST) -n $(CPU_WORKERS) --hypothesis-profile=cpu -m "not slow"
 
 # Kernel compiles dominate the GPU tier (each Hypothesis example compiles new specialisations):
-# GPU_WORKERS_PER_GPU xdist workers per GPU overlap them (on one H100, a single process had not
-# finished the backward suite's first Hypothesis test after 165 s; 8 workers passed 14 tests in
-# 277 s). conftest pins worker N to GPU N mod the GPU count.
+# GPU_WORKERS_PER_GPU xdist workers per GPU overlap them. On 2 H100s (8 workers) the whole tier
+# took 424 s, its longest test 263 s. conftest pins worker N to GPU N mod the GPU count.
 GPU_WORKERS_PER_GPU ?= 4
 test-gpu:
 	$(PYTEST) -n $$(( $(NUM_GPUS) * $(GPU_WORKERS_PER_GPU) )) --hypothesis-profile=gpu --junitxml=junit-gpu.xml
