@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from ._tile_map import _tile_rows
+
 
 @triton.jit
 def _swiglu_tile(
@@ -113,11 +115,9 @@ def _gate_up_swiglu_kernel(
         tile = pid // n_tiles_i
         expert = tl.load(tile_expert_ptr + tile)
         if expert >= 0:
-            row_start = tl.load(tile_row_start_ptr + tile)
-            row_end = tl.load(expert_offsets_ptr + expert + 1)
-            rows = row_start + offs_m
-            row_mask = rows < row_end
-            slots = tl.load(sorted_slot_ptr + rows, mask=row_mask, other=0)
+            rows, row_mask, slots = _tile_rows(
+                tile, sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, expert, BLOCK_M
+            )
             expert_offset = expert.to(tl.int64) * stride_we
             _swiglu_tile(
                 x_ptr, (slots // top_k).to(tl.int64), row_mask,

@@ -5,14 +5,7 @@ token tiles of the shared MLP run in the same launch, as stage 1 reads X once fo
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tile_rows(tile, sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, expert, BLOCK_M: tl.constexpr):
-    """The sorted rows of a routed tile of `expert`, which of them exist, and their slots."""
-    rows = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
-    row_mask = rows < tl.load(expert_offsets_ptr + expert + 1)
-    slots = tl.load(sorted_slot_ptr + rows, mask=row_mask, other=0)
-    return rows, row_mask, slots
+from ._tile_map import _tile_rows
 
 
 @triton.jit
