@@ -79,12 +79,18 @@ def x_scales(dtype: torch.dtype):
 seeds = st.integers(0, 2**16)
 
 
-def assume_well_conditioned(kernel_args: tuple, ref: torch.Tensor) -> None:
+def assume_little_cancellation(magnitude: torch.Tensor, ref: torch.Tensor, typical: float) -> None:
     """Discard problems whose outputs are mostly cancellation: their error measures the data, not
-    the kernel. Random data keeps norm(terms) / norm(output) near sqrt(H * I) (two random-sign
-    sums); 30x that is far past it, and H=3 with one dot cancelling 2000x is not. `kernel_args`:
-    (x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared), as the oracle takes them."""
+    the kernel. `magnitude` bounds the size of the terms each output element sums; on random data
+    norm(magnitude) / norm(ref) stays near `typical` (the square root of the terms per element);
+    30x that is far past it, and H=3 with one dot cancelling 2000x is not."""
+    assume(magnitude.norm() <= 30 * typical * ref.norm())
+
+
+def assume_well_conditioned(kernel_args: tuple, ref: torch.Tensor) -> None:
+    """`assume_little_cancellation` for the whole experts' output: two random-sign sums (over H,
+    then over I), so typically sqrt(H * I). `kernel_args`: (x, topk_weights, topk_ids,
+    gate_up_proj, down_proj, *shared), as the oracle takes them."""
     x, _, _, gate_up_proj, _, *shared = kernel_args
     inner = max(gate_up_proj.shape[1] // 2, shared[0].shape[0] if shared and shared[0] is not None else 0, 1)
-    magnitude = oracle_magnitude(*kernel_args).norm()
-    assume(magnitude <= 30 * (x.shape[1] * inner) ** 0.5 * ref.norm())
+    assume_little_cancellation(oracle_magnitude(*kernel_args), ref, (x.shape[1] * inner) ** 0.5)
