@@ -112,6 +112,17 @@ def test_backward_tiles_fit_the_element_size(monkeypatch):
         assert pipeline_bytes(getattr(full, stage), 4) <= pipeline_bytes(getattr(half, stage), 2), stage
 
 
+def test_short_experts_get_the_short_weight_gradient_tile(monkeypatch):
+    monkeypatch.delenv(_tiles.FORCE_TILES_ENV, raising=False)
+    many = _tiles.backward_tiles(128, 2048, 1408, False, rows_per_expert=768)  # v2-lite N=8192
+    short = _tiles.backward_tiles(128, 2048, 1408, False, rows_per_expert=192)  # v2-lite N=2048
+    assert many.weight_grad == _tiles.backward_tiles(128, 2048, 1408, False).weight_grad
+    assert (short.weight_grad.block_k, short.weight_grad.num_warps) == (32, 4)
+    # fp32 keeps its measured fit: the short tile was only measured in 16 bits.
+    fp32 = _tiles.backward_tiles(128, 2048, 1408, False, itemsize=4, rows_per_expert=192)
+    assert fp32.weight_grad == _tiles.backward_tiles(128, 2048, 1408, False, itemsize=4).weight_grad
+
+
 def test_backward_tiles_take_the_override_but_keep_the_metadata_height(monkeypatch):
     monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_m=16,block_n=32,num_stages=2")
     tiles = _tiles.backward_tiles(64, 256, 128, False)

@@ -25,7 +25,7 @@ from deepseek_moe_fused.testing import make_activations
 DOWN_GRAD = [(256, 64, 8, 3), (256, 32, 8, 4), (256, 64, 8, 4), (128, 64, 8, 4), (128, 64, 4, 4)]
 SWIGLU = [(16, 256, 4), (8, 512, 4), (32, 128, 4), (4, 1024, 4), (32, 256, 8)]
 DX = [(256, 32, 8, 4), (256, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 5)]
-WEIGHT_GRAD = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
+WEIGHT_GRAD = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3)]
 
 
 def median_ms(fn) -> float:
@@ -44,8 +44,8 @@ def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float) -> None:
     preacts = new_preactivations(x, w, metadata)
     moe_experts_forward(x, topk_weights, topk_ids, w, metadata, preacts=preacts)
     flat_weights = topk_weights.reshape(-1).float().contiguous()
-    base = _tiles.backward_tiles(metadata.block_m, H, max(I, S), False)
     rows = num_tokens * K
+    base = _tiles.backward_tiles(metadata.block_m, H, max(I, S), False, rows_per_expert=rows / config.num_experts)
     print(f"\n== N={num_tokens} block_m={metadata.block_m} heuristic {base}")
     # Timing repeats a stage on the same buffers: the SwiGLU stage rewrites the pre-activations and
     # dA in place each time, which changes their values but not the work.

@@ -191,11 +191,25 @@ class BackwardTiles:
     source: str
 
 
-def backward_tiles(block_m: int, hidden_dim: int, inner_dim: int, interpret: bool, itemsize: int = 2) -> BackwardTiles:
+# Mean rows per expert up to which the weight gradients take the short-expert tile (below).
+SHORT_EXPERT_ROWS = 256
+
+
+def backward_tiles(
+    block_m: int,
+    hidden_dim: int,
+    inner_dim: int,
+    interpret: bool,
+    itemsize: int = 2,
+    rows_per_expert: float | None = None,  # mean routed rows per expert; None: many
+) -> BackwardTiles:
     """dY W_down and dX are row-tiled GEMMs (the forward's down-stage shape, dX with two dots per
     step); the weight gradients are plain GEMMs over each expert's rows. Measured on the H100
     (docs/perf-notes.md, backward v1/v2): wide tiles with a short k step, 128 x 128 weight tiles.
-    fp32 operands (itemsize 4) take half the pipeline stages: shared memory is the limit."""
+    Experts with few rows (v2-lite at N <= 2048: 48-192 rows each, a few reduction steps per
+    output tile) do 9-12% better with a 32-row step, 4 warps and 4 stages; from 512 rows on the
+    8-warp tile is as fast or faster. fp32 operands (itemsize 4) take half the pipeline stages:
+    shared memory is the limit."""
     if interpret:  # the forward's interpreter tiles: dY W_down has stage 1's shape, dX stage 2's
         tiles = heuristic_tiles(block_m, hidden_dim, inner_dim, interpret)
         swiglu = ElementwiseTiles(16, _pow2_clamp(inner_dim, 16, 64), 4)
@@ -206,6 +220,8 @@ def backward_tiles(block_m: int, hidden_dim: int, inner_dim: int, interpret: boo
     down_grad = TileConfig(block_m, block_n, 64 if wide else 32, warps, 3)
     dx = TileConfig(block_m, block_n, 32, warps, 4 if wide else 3)
     weight_grad = TileConfig(128, 128, 64 if wide else 32, 8, 3)
+    if wide and rows_per_expert is not None and rows_per_expert <= SHORT_EXPERT_ROWS:
+        weight_grad = TileConfig(128, 128, 32, 4, 4)
     tiles = BackwardTiles(down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, "heuristic")
     spec = _force_spec()
     if spec:  # the forward's override, for the two row-tiled GEMMs

@@ -128,7 +128,10 @@ def moe_experts_backward(
     flat_weights = topk_weights.reshape(-1).float().contiguous()
     if tiles is None:
         inner = max(weights.intermediate_dim, weights.shared_dim)
-        tiles = _tiles.backward_tiles(metadata.block_m, H, inner, interpreter_active(), x.element_size())
+        rows_per_expert = metadata.num_rows / max(weights.num_experts, 1)
+        tiles = _tiles.backward_tiles(
+            metadata.block_m, H, inner, interpreter_active(), x.element_size(), rows_per_expert
+        )
     act_routed, act_shared = _down_grad_stage(dy, weights, metadata, tiles.down_grad)
     d_topk = _swiglu_backward_stage(act_routed, act_shared, flat_weights, metadata, preacts, tiles.swiglu)
     dx_slot, dx_shared = _dx_stage(T, preacts, weights, metadata, tiles.dx)
