@@ -160,6 +160,20 @@ def test_empty_batch(device):
     assert h.h_routed.shape == (0, 17) and h.h_shared is None
 
 
+def test_shared_weights_with_other_row_strides(device):
+    # The gate/up kernel reads both shared weights through one set of strides: a shared_up that
+    # is a column slice of a wider matrix (row stride 48, not 33) must still give the oracle.
+    config = _prime_e_config()
+    inputs = make_moe_inputs(config, 17, seed=2, device=device)
+    args = list(inputs.kernel_args())
+    wider = torch.randn(args[6].shape[0], 48, device=device, dtype=args[6].dtype)
+    wider[:, :33] = args[6]
+    args[6] = wider[:, :33]
+    with poisoned_outputs():
+        out = fused_moe_experts(*args)
+    _assert_matches(out, oracle_moe_experts(*args), config.dtype)
+
+
 @pytest.mark.gpu
 def test_bf16_large_problem(device):
     """A real-size bf16 problem with int64 indexing pressure on the expert axis."""

@@ -48,6 +48,14 @@ class ExpertWeights:
     def shared_dim(self) -> int:
         return self.shared_gate.shape[0] if self.has_shared else 0
 
+    def shared_gate_up(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shared_gate, shared_up) with one set of strides: the forward's gate/up kernel and the
+        backward's dX GEMM read both through shared_gate's. Copies only when they differ."""
+        gate, up = self.shared_gate, self.shared_up
+        if gate.stride() != up.stride():
+            return gate.contiguous(), up.contiguous()
+        return gate, up
+
     def check(self, x: torch.Tensor) -> None:
         """Shapes, dtypes (all equal to x's) and device of every weight."""
         E, H, device = self.num_experts, x.shape[-1], x.device
@@ -175,8 +183,7 @@ def gate_up_swiglu(
         return h_routed, h_shared
     gate, up = weights.gate_up_proj[:, :I], weights.gate_up_proj[:, I:]
     # Pointer arguments of a disabled part get a tensor that exists; ROUTED/SHARED keep them unread.
-    shared_gate = weights.shared_gate if shared else gate
-    shared_up = weights.shared_up if shared else up
+    shared_gate, shared_up = weights.shared_gate_up() if shared else (gate, up)
     h_routed_arg = h_routed if routed else h_shared
     h_shared_arg = h_shared if shared else h_routed
     save = preacts is not None

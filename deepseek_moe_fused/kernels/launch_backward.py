@@ -82,9 +82,7 @@ def _dx_stage(num_tokens: int, preacts, weights: ExpertWeights, metadata, tiles:
     w = weights.gate_up_proj
     shared = None
     if weights.has_shared:
-        gate_s, up_s = weights.shared_gate, weights.shared_up
-        if gate_s.stride() != up_s.stride():  # the kernel reads both through one set of strides
-            gate_s, up_s = gate_s.contiguous(), up_s.contiguous()
+        gate_s, up_s = weights.shared_gate_up()
         shared = RowsMatmul(preacts.shared, gate_s, dx_shared, b2=up_s)
     launch_rows_matmul(
         RowsMatmul(preacts.routed, w[:, :I], dx_slot, b2=w[:, I:]), shared, metadata, num_tokens, tiles,
