@@ -94,20 +94,16 @@ def _swiglu_bwd_kernel(
 
 @triton.jit
 def _grouped_weight_grad_kernel(
-    a_ptr,  # (rows_a, P) left operand rows (gathered by token when A_BY_TOKEN, else sorted rows)
-    b_ptr,  # (rows_b, Q) right operand rows (gathered by token when B_BY_TOKEN, else sorted rows)
+    a_ptr,  # (T*K, P) left operand, expert-sorted rows
+    b_ptr,  # (T*K, Q) right operand, expert-sorted rows
     out_ptr,  # (E, P, Q) out: per-expert sum over its rows of a_row^T b_row
-    sorted_slot_ptr,  # (T*K,) int32
     expert_offsets_ptr,  # (E+1,) int32
     P,
     Q,
-    top_k,
     stride_a,
     stride_b,
     stride_oe,
     stride_op,
-    A_BY_TOKEN: tl.constexpr,
-    B_BY_TOKEN: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -116,7 +112,11 @@ def _grouped_weight_grad_kernel(
 ):
     """Grid: (E * cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q),). One program owns one (expert, P tile,
     Q tile) of the weight gradient and walks that expert's rows in order: no atomics, so the
-    result is deterministic; an expert without rows gets zeros."""
+    result is deterministic; an expert without rows gets zeros.
+
+    Both operands are read as contiguous sorted rows. Gathering rows by token inside the loop
+    (a load whose address comes from a load in the same step) ran at 35-50% of the matmul
+    ceiling on the H100 against 50-70% for the same rows pre-sorted (docs/perf-notes.md)."""
     pid = tl.program_id(0)
     n_p = tl.cdiv(P, BLOCK_P)
     n_q = tl.cdiv(Q, BLOCK_Q)
@@ -132,14 +132,12 @@ def _grouped_weight_grad_kernel(
     for r0 in range(lo, hi, BLOCK_R):
         rows = r0 + offs_r
         row_mask = rows < hi
-        tokens = (tl.load(sorted_slot_ptr + rows, mask=row_mask, other=0) // top_k).to(tl.int64)
-        a_rows = tokens if A_BY_TOKEN else rows.to(tl.int64)
-        b_rows = tokens if B_BY_TOKEN else rows.to(tl.int64)
+        rows = rows.to(tl.int64)
         # A loaded transposed, (BLOCK_P, BLOCK_R): the reduction runs over rows.
         a_mask = row_mask[None, :] & p_mask[:, None]
-        a = tl.load(a_ptr + a_rows[None, :] * stride_a + offs_p[:, None], mask=a_mask, other=0.0)
+        a = tl.load(a_ptr + rows[None, :] * stride_a + offs_p[:, None], mask=a_mask, other=0.0)
         b_mask = row_mask[:, None] & q_mask[None, :]
-        b = tl.load(b_ptr + b_rows[:, None] * stride_b + offs_q[None, :], mask=b_mask, other=0.0)
+        b = tl.load(b_ptr + rows[:, None] * stride_b + offs_q[None, :], mask=b_mask, other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)

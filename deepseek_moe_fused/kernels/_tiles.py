@@ -192,7 +192,7 @@ class BackwardTiles:
 
 
 # Mean rows per expert up to which the weight gradients take the short-expert tile (below).
-SHORT_EXPERT_ROWS = 256
+SHORT_EXPERT_ROWS = 512
 
 
 def backward_tiles(
@@ -204,12 +204,12 @@ def backward_tiles(
     rows_per_expert: float | None = None,  # mean routed rows per expert; None: many
 ) -> BackwardTiles:
     """dY W_down and dX are row-tiled GEMMs (the forward's down-stage shape, dX with two dots per
-    step); the weight gradients are plain GEMMs over each expert's rows. Measured on the H100
-    (docs/perf-notes.md, backward v1/v2): wide tiles with a short k step, 128 x 128 weight tiles.
-    Experts with few rows (v2-lite at N <= 2048: 48-192 rows each, a few reduction steps per
-    output tile) do 9-12% better with a 32-row step, 4 warps and 4 stages; from 512 rows on the
-    8-warp tile is as fast or faster. fp32 operands (itemsize 4) take half the pipeline stages:
-    shared memory is the limit."""
+    step); the weight gradients are plain GEMMs over each expert's sorted rows. Measured on the
+    H100 (docs/perf-notes.md, backward v1-v3): wide tiles with a short k step, 128 x 128 weight
+    tiles. Experts with few rows (up to 512 each: seed at N <= 2048, v2-lite at N <= 2048, a few
+    reduction steps per output tile) do 10-30% better with a 32-row step, 4 warps and 4 stages;
+    from 768 rows on the 8-warp tile with a 64-row step is faster. fp32 operands (itemsize 4)
+    take half the pipeline stages: shared memory is the limit."""
     if interpret:  # the forward's interpreter tiles: dY W_down has stage 1's shape, dX stage 2's
         tiles = heuristic_tiles(block_m, hidden_dim, inner_dim, interpret)
         swiglu = ElementwiseTiles(16, _pow2_clamp(inner_dim, 16, 64), 4)
