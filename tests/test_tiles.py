@@ -116,8 +116,10 @@ def test_short_experts_get_the_short_weight_gradient_tile(monkeypatch):
     monkeypatch.delenv(_tiles.FORCE_TILES_ENV, raising=False)
     many = _tiles.backward_tiles(128, 2048, 1408, False, rows_per_expert=768)  # v2-lite N=8192
     short = _tiles.backward_tiles(128, 2048, 1408, False, rows_per_expert=192)  # v2-lite N=2048
+    edge = _tiles.backward_tiles(128, 2048, 2048, False, rows_per_expert=512)  # seed N=2048, measured short
     assert many.weight_grad == _tiles.backward_tiles(128, 2048, 1408, False).weight_grad
     assert (short.weight_grad.block_k, short.weight_grad.num_warps) == (32, 4)
+    assert edge.weight_grad == short.weight_grad
     # fp32 keeps its measured fit: the short tile was only measured in 16 bits.
     fp32 = _tiles.backward_tiles(128, 2048, 1408, False, itemsize=4, rows_per_expert=192)
     assert fp32.weight_grad == _tiles.backward_tiles(128, 2048, 1408, False, itemsize=4).weight_grad
