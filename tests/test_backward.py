@@ -105,6 +105,21 @@ def test_triton_backward_is_deterministic(device, T):
         assert torch.equal(a, b), f"{name} differs between two runs"
 
 
+def test_backward_releases_the_consumed_preactivations(device):
+    # The peak-memory contract: once the backward has read the forward's pre-activations (then
+    # their gradients), their memory goes back before the weight gradients are allocated.
+    config = MoEConfig(hidden_dim=32, intermediate_dim=16, num_experts=4, top_k=2, n_shared_experts=1, dtype=F32)
+    inputs = make_moe_inputs(config, 7, seed=2, device=device)
+    w = inputs.weights
+    metadata = routing_metadata_for(inputs.topk_ids, w)
+    preacts = new_preactivations(inputs.x, w, metadata)
+    moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, w, metadata, preacts=preacts)
+    grad_out = make_activations(7, config.hidden_dim, seed=3, dtype=F32, device=device)
+    moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata, preacts)
+    assert preacts.routed.untyped_storage().nbytes() == 0
+    assert preacts.shared.untyped_storage().nbytes() == 0
+
+
 def test_backward_choice_is_checked(monkeypatch):
     monkeypatch.setenv(BACKWARD_ENV, "cuda")
     with pytest.raises(ValueError, match=BACKWARD_ENV):

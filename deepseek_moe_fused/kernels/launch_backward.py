@@ -92,8 +92,19 @@ def _dx_stage(num_tokens: int, preacts, weights: ExpertWeights, metadata, tiles:
     return dx_slot, dx_shared
 
 
-def _weight_grad_stage(x, dy, dgu, act_routed, weights: ExpertWeights, metadata, tiles: _tiles.TileConfig):
-    """d gate_up[e] = dGU_e^T X_e; d down[e] = dY_e^T (w act)_e.
+def _release(t: torch.Tensor) -> None:
+    """Hand a buffer's memory back to the allocator while something (autograd's saved tensors)
+    still holds the tensor object: the layer's backward frees the pre-activations it has consumed
+    this way, so the gradients allocated after them do not add to them. Stream-ordered: kernels
+    already queued on the stream that read the buffer run before anything reuses the memory."""
+    t.untyped_storage().resize_(0)
+
+
+def _weight_grad_stage(
+    x, dy, dgu, act_routed, weights: ExpertWeights, metadata, tiles: _tiles.TileConfig, consume: bool = False
+):
+    """d gate_up[e] = dGU_e^T X_e; d down[e] = dY_e^T (w act)_e. `consume`: release dGU's memory
+    once read, before d down is allocated (the layer's backward owns it; timing tools reuse it).
 
     X and dY are gathered into expert-sorted row order first (one buffer of (T*K, H), X's rows
     then dY's), so the grouped GEMMs read contiguous rows: on the H100 the gather costs 50 us at
@@ -104,6 +115,8 @@ def _weight_grad_stage(x, dy, dgu, act_routed, weights: ExpertWeights, metadata,
     sorted_rows = new_output(x, (metadata.num_rows, x.shape[1]))
     torch.index_select(x, 0, tokens, out=sorted_rows)
     _grouped_weight_grad(dgu, sorted_rows, d_gate_up, metadata, tiles)
+    if consume:
+        _release(dgu)
     # Same buffer: the stream runs the GEMM above before this overwrites its operand.
     torch.index_select(dy, 0, tokens, out=sorted_rows)
     _grouped_weight_grad(sorted_rows, act_routed, d_down, metadata, tiles)
@@ -123,10 +136,14 @@ def moe_experts_backward(
     topk_weights: torch.Tensor,  # (T, K)
     weights: ExpertWeights,
     metadata: RoutingMetadata,  # the forward's
-    preacts: PreActivations,  # the forward's; overwritten (a second backward cannot reuse them)
+    preacts: PreActivations,  # the forward's; consumed: overwritten, then their memory released
     tiles: _tiles.BackwardTiles | None = None,  # None: _tiles.backward_tiles' choice
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of (x, topk_weights, gate_up_proj, down_proj, shared_gate, shared_up, shared_down)."""
+    """Gradients of (x, topk_weights, gate_up_proj, down_proj, shared_gate, shared_up, shared_down).
+
+    Every transient is released once read, and the weight gradients come last, so the peak is
+    the gradients plus what their GEMMs read: the per-slot dX and the shared MLP's pre-activations
+    and SwiGLU outputs are gone before the routed gradients are allocated, and dG/dU before d down."""
     T, H = x.shape
     dy = grad_out.to(x.dtype).contiguous()
     if T == 0:
@@ -146,8 +163,12 @@ def moe_experts_backward(
     dx = combine(dx_slot, dx_shared)  # the K slots, then the shared MLP, in a fixed order
     # Freed before the weight gradients: their sorted-row buffer, (T*K, H) like dx_slot, reuses it.
     del dx_slot, dx_shared
-    d_gate_up, d_down = _weight_grad_stage(x, dy, preacts.routed, act_routed, weights, metadata, tiles.weight_grad)
     shared_grads = (None, None, None)
     if weights.has_shared:
         shared_grads = _shared_weight_grads(x, dy, preacts.shared, act_shared)
+        _release(preacts.shared)
+    del act_shared
+    d_gate_up, d_down = _weight_grad_stage(
+        x, dy, preacts.routed, act_routed, weights, metadata, tiles.weight_grad, consume=True
+    )
     return (dx, d_topk.view(topk_weights.shape).to(topk_weights.dtype), d_gate_up, d_down, *shared_grads)
