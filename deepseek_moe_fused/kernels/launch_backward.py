@@ -7,9 +7,11 @@ forward kernel beside its output. Saving them instead of recomputing them skips 
 second buffer. Transient in the backward: dA = dY W_down (T*K, I) + (T, S), overwritten by the
 SwiGLU outputs that the down weight's gradient needs, and the per-slot dX (T, K, H) + (T, H), all
 in X's dtype; then, in the memory dX's slots held, X and dY gathered into sorted row order for the
-weight gradients (T*K, H). Launches: dY W_down (routed + shared), the SwiGLU backward
-(elementwise), dX (routed + shared) and its combine, two gathers and two grouped weight-gradient
-GEMMs; the shared MLP's weight gradients are dense GEMMs (cuBLAS).
+weight gradients (T*K, H). Each buffer is released after its last read, the saved
+pre-activations included, so the gradients allocated last do not add to them. Launches: dY W_down
+(routed + shared), the SwiGLU backward (elementwise), dX (routed + shared) and its combine, two
+gathers and two grouped weight-gradient GEMMs; the shared MLP's weight gradients are dense GEMMs
+(cuBLAS).
 """
 
 from __future__ import annotations
