@@ -112,13 +112,13 @@ def _weight_grad_stage(
     then dY's), so the grouped GEMMs read contiguous rows: on the H100 the gather costs 50 us at
     seed N=8192 and the two GEMMs gain 350 us over gathering rows inside their loop."""
     d_gate_up = new_output(weights.gate_up_proj, weights.gate_up_proj.shape)
-    d_down = new_output(weights.down_proj, weights.down_proj.shape)
     tokens = metadata.sorted_slot // metadata.top_k
     sorted_rows = new_output(x, (metadata.num_rows, x.shape[1]))
     torch.index_select(x, 0, tokens, out=sorted_rows)
     _grouped_weight_grad(dgu, sorted_rows, d_gate_up, metadata, tiles)
     if consume:
         _release(dgu)
+    d_down = new_output(weights.down_proj, weights.down_proj.shape)  # after the release: not beside dGU
     # Same buffer: the stream runs the GEMM above before this overwrites its operand.
     torch.index_select(dy, 0, tokens, out=sorted_rows)
     _grouped_weight_grad(sorted_rows, act_routed, d_down, metadata, tiles)
