@@ -18,6 +18,7 @@ import torch
 
 from . import baselines
 from .moe_layer import backward_selected
+from .router import router_selected
 from .testing import TOLERANCES, error_stats, make_activations
 
 # The PyTorch backward keeps fp32 gradients of every expert: for a V3 layer 45 GB beside 22.5 GB
@@ -53,12 +54,14 @@ def layer_fwd_step(layer, x, backward: str):
 
 
 def grouped_mm_fwd_bwd_step(layer, x, grad):
-    """The layer's router, then the torch._grouped_mm pipeline under autograd, on its weights."""
+    """The PyTorch pipeline under autograd on the layer's weights: transformers' router ops, then
+    torch._grouped_mm for the experts."""
 
     def step():
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        _, w, ids = layer.gate(x)
+        with router_selected("torch"):
+            _, w, ids = layer.gate(x)
         baselines.grouped_mm_moe_experts(x, w, ids, layer.expert_weights()).backward(grad)
 
     return step

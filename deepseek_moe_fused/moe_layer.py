@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 from torch import nn
 
 from ._backward_torch import experts_backward
 from ._checks import check_tensor
+from ._env import env_choice, env_set
 from ._interpret import interpreter_active
 from .config import MoEConfig
 from .kernels.launch import ExpertWeights, PreActivations, moe_experts_forward, new_preactivations, routing_metadata_for
@@ -25,25 +24,13 @@ BACKWARDS = ("torch", "triton")
 
 
 def selected_backward() -> str:
-    name = os.environ.get(BACKWARD_ENV, "triton").strip() or "triton"
-    if name not in BACKWARDS:
-        raise ValueError(f"{BACKWARD_ENV} must be one of {BACKWARDS}, got {name!r}")
-    return name
+    return env_choice(BACKWARD_ENV, BACKWARDS, "triton")
 
 
-@contextlib.contextmanager
 def backward_selected(name: str):
     """Run forwards with this backward (the layer reads the choice at forward time); the
     environment is restored afterwards."""
-    previous = os.environ.get(BACKWARD_ENV)
-    os.environ[BACKWARD_ENV] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(BACKWARD_ENV, None)
-        else:
-            os.environ[BACKWARD_ENV] = previous
+    return env_set(BACKWARD_ENV, name)
 
 
 class FusedMoEExpertsFunction(torch.autograd.Function):

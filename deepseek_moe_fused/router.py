@@ -5,7 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._env import env_choice, env_set
+from ._interpret import interpreter_active
 from .config import MoEConfig
+
+# "triton" (default): one or two kernels (kernels/_router.py) compute the logits and select the
+# experts. "torch": transformers' own op sequence (`select_experts`), ties broken exactly as there.
+ROUTER_ENV = "DEEPSEEK_MOE_ROUTER"
+ROUTERS = ("torch", "triton")
+
+
+def selected_router() -> str:
+    return env_choice(ROUTER_ENV, ROUTERS, "triton")
+
+
+def router_selected(name: str):
+    """Route with this implementation inside the block (read per call); restored afterwards."""
+    return env_set(ROUTER_ENV, name)
 
 
 def select_experts(
@@ -44,6 +60,51 @@ def select_experts(
     return topk_weights * config.routed_scaling_factor, topk_ids
 
 
+def routing_weights_of(router_logits: torch.Tensor, topk_ids: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """(T, K) fp32 routing weights of the chosen experts as a differentiable function of the logits:
+    the backward of the Triton router (the choice itself carries no gradient)."""
+    if config.scoring_func == "sigmoid":
+        weights = router_logits.sigmoid().gather(1, topk_ids)
+    else:
+        # Dropped groups' experts are never chosen (top_k fits the kept groups), so masking them
+        # as transformers does changes no chosen weight.
+        weights = router_logits.softmax(dim=-1, dtype=torch.float32).gather(1, topk_ids)
+    if config.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * config.routed_scaling_factor
+
+
+class TritonRouterFunction(torch.autograd.Function):
+    """Autograd boundary around the router kernels. Backward in PyTorch (fp32): through the routing
+    weights and the returned logits to the logits, then to x and the router weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, e_score_correction_bias, config):
+        from .kernels.launch_router import route_tokens
+
+        logits, topk_weights, topk_ids = route_tokens(x, weight, e_score_correction_bias, config)
+        ctx.config = config
+        ctx.save_for_backward(x, weight, logits, topk_ids)
+        ctx.mark_non_differentiable(topk_ids)
+        return logits, topk_weights, topk_ids
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_weights, _grad_ids):
+        x, weight, logits, topk_ids = ctx.saved_tensors
+        grad = torch.zeros_like(logits) if grad_logits is None else grad_logits.float()
+        if grad_weights is not None:
+            with torch.enable_grad():
+                leaf = logits.detach().requires_grad_()
+                (from_weights,) = torch.autograd.grad(
+                    routing_weights_of(leaf, topk_ids, ctx.config), leaf, grad_weights.float()
+                )
+            grad = grad + from_weights
+        # As autograd through transformers' fp32 linear: fp32 products, cast back to each input's dtype.
+        dx = (grad @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dweight = (grad.T @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dweight, None, None
+
+
 def _kept_experts(group_scores: torch.Tensor, config: MoEConfig) -> torch.Tensor:
     """(T, E) bool: experts inside each token's best `topk_group` groups."""
     T, G = group_scores.shape
@@ -72,7 +133,14 @@ class DeepSeekRouter(nn.Module):
         nn.init.normal_(self.weight, std=self.config.hidden_dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (T, H) -> router_logits (T, E) fp32, topk_weights (T, K) fp32, topk_ids (T, K) int64."""
+        """x (T, H) -> router_logits (T, E) fp32, topk_weights (T, K) fp32, topk_ids (T, K) int64.
+
+        The Triton router unless DEEPSEEK_MOE_ROUTER=torch (read per call) or x is on the CPU with
+        the interpreter off; both apply the same rule to fp32 logits, so they differ only where two
+        choices tie to within fp32 rounding (and on exact ties, which the Triton router breaks
+        towards the lower expert id)."""
+        if selected_router() == "triton" and (x.is_cuda or interpreter_active()):
+            return TritonRouterFunction.apply(x, self.weight, self.e_score_correction_bias, self.config)
         router_logits = nn.functional.linear(x.float(), self.weight.float())
         topk_weights, topk_ids = select_experts(router_logits, self.config, self.e_score_correction_bias)
         return router_logits, topk_weights, topk_ids

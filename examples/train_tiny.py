@@ -17,6 +17,7 @@ from torch import nn
 from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig
 from deepseek_moe_fused.moe_layer import selected_backward
 from deepseek_moe_fused.reference import naive_moe_experts
+from deepseek_moe_fused.router import router_selected
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 # fp32: both models compute the same function in fp32 with sums in other orders (~1e-7 per step
@@ -31,13 +32,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ReferenceMoE(DeepSeekMoELayer):
-    """The same parameters and router, experts through the seed's per-expert PyTorch loop
+    """The same parameters, transformers' router ops and the seed's per-expert PyTorch loop
     (autograd all the way): the reference the fused layer trains against."""
 
     def forward(self, x):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
-        _, topk_weights, topk_ids = self.gate(x2d)
+        with router_selected("torch"):
+            _, topk_weights, topk_ids = self.gate(x2d)
         w = self.expert_weights()
         out = naive_moe_experts(
             x2d, topk_weights, topk_ids, w.gate_up_proj, w.down_proj, w.shared_gate, w.shared_up, w.shared_down

@@ -9,11 +9,12 @@ import torch
 _poison = False
 
 
-def new_output(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised buffer of `like`'s dtype and device; NaN-filled inside `poisoned_outputs()`."""
-    out = like.new_empty(shape)
+def new_output(like: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised buffer on `like`'s device, of `like`'s dtype unless `dtype` is given.
+    Inside `poisoned_outputs()` it is filled with NaN (integer buffers: -1, never a valid index)."""
+    out = like.new_empty(shape, dtype=dtype)
     if _poison:
-        out.fill_(float("nan"))
+        out.fill_(float("nan") if out.is_floating_point() else -1)
     return out
 
 

@@ -1,0 +1,121 @@
+"""Launcher of the router kernels: checks, tile choice, output allocation, grids."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+
+from .._checks import FLOAT_DTYPES, check_tensor
+from .._interpret import interpreter_active
+from ..config import MoEConfig
+from ._alloc import new_output
+from ._router import _router_logits_kernel, _router_select_kernel
+
+# Every expert's logits of a token tile fit one program's registers up to this many (padded to a
+# power of two) experts: then the selection can run in the GEMM's epilogue, one launch.
+MAX_EXPERTS_ONE_LAUNCH = 64
+# The selection holds whole rows of logits (and as many score tiles) in one program.
+MAX_EXPERTS = 1024
+# Each split of H keeps at least this many columns: fewer would cost more in partial sums than
+# the extra programs gain.
+MIN_H_PER_SPLIT = 256
+
+
+class RouterTiles(NamedTuple):
+    block_t: int  # tokens per GEMM program
+    block_e: int  # experts per GEMM program
+    split_h: int  # splits of H (partial logits added by the selection kernel)
+    one_launch: bool  # selection in the GEMM's epilogue (split_h 1, block_e covering every expert)
+    block_h: int = 64  # columns of H per GEMM step
+
+
+def router_tiles(num_tokens: int, num_experts: int, hidden_dim: int, num_sms: int) -> RouterTiles:
+    """Tiles by shape: enough programs to fill the card, one launch when that costs nothing."""
+    all_experts = max(16, triton.next_power_of_2(num_experts))
+    block_t = min(64, max(16, triton.next_power_of_2(num_tokens)))
+    block_e = all_experts if all_experts <= MAX_EXPERTS_ONE_LAUNCH else (32 if num_tokens <= 256 else 128)
+    programs = triton.cdiv(num_tokens, block_t) * triton.cdiv(num_experts, block_e)
+    split_h = 1
+    # Up to two waves: measured on an H100, splitting further (or less) was slower.
+    while programs * split_h * 2 <= 2 * num_sms and hidden_dim // (split_h * 2) >= MIN_H_PER_SPLIT:
+        split_h *= 2
+    return RouterTiles(block_t, block_e, split_h, one_launch=split_h == 1 and block_e >= num_experts)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: tiles as an H100 would get them
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def route_tokens(
+    x: torch.Tensor,  # (T, H)
+    weight: torch.Tensor,  # (E, H) router weight
+    e_score_correction_bias: torch.Tensor | None,  # (E,) sigmoid scoring only
+    config: MoEConfig,
+    *,
+    tiles: RouterTiles | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """router_logits (T, E) fp32, topk_weights (T, K) fp32, topk_ids (T, K) int64, on device.
+
+    The same rule as `select_experts` (transformers' routers) on fp32 logits; ties go to the lower
+    expert id. `tiles` overrides the shape heuristic (tests run every path with it).
+    """
+    E, K, H = config.num_experts, config.top_k, config.hidden_dim
+    check_tensor("x", x, shape=(None, H), dtypes=FLOAT_DTYPES, contiguous_last=True)
+    check_tensor("weight", weight, shape=(E, H), dtypes=FLOAT_DTYPES, device=x.device, contiguous_last=True)
+    if e_score_correction_bias is not None:
+        check_tensor("e_score_correction_bias", e_score_correction_bias, shape=(E,), dtypes=FLOAT_DTYPES,
+                     device=x.device)  # fmt: skip
+        # A model cast to bf16 casts this buffer too; transformers adds it to fp32 scores.
+        e_score_correction_bias = e_score_correction_bias.float().contiguous()
+    if E > MAX_EXPERTS:
+        raise ValueError(f"the Triton router takes at most {MAX_EXPERTS} experts, config has {E}")
+    T = x.shape[0]
+    logits = new_output(x, (T, E), torch.float32)
+    topk_weights = new_output(x, (T, K), torch.float32)
+    topk_ids = new_output(x, (T, K), torch.int64)
+    if T == 0:
+        return logits, topk_weights, topk_ids
+    interpret = interpreter_active()
+    same_16bit = x.dtype == weight.dtype != torch.float32
+    rule = dict(
+        E=E, K=K, N_GROUP=config.n_group, TOPK_GROUP=config.topk_group,
+        SIGMOID=config.scoring_func == "sigmoid", GROUPED=config.grouped, NORM=config.norm_topk_prob,
+        HAS_BIAS=e_score_correction_bias is not None,
+        # Floors of 16: one compiled variant covers the usual K and group counts.
+        BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_G=max(16, triton.next_power_of_2(config.n_group)),
+    )  # fmt: skip
+    bias = e_score_correction_bias if e_score_correction_bias is not None else logits  # unread without HAS_BIAS
+    tiles = tiles or router_tiles(T, E, H, _num_sms(x.device))
+    if tiles.one_launch and (tiles.split_h != 1 or tiles.block_e < E):
+        raise ValueError(f"one launch needs split_h 1 and block_e >= {E} experts, got {tiles}")
+    block_h = tiles.block_h
+    h_per_split = triton.cdiv(triton.cdiv(H, tiles.split_h), block_h) * block_h
+    splits = triton.cdiv(H, h_per_split)
+    partial = new_output(x, (splits, T, E), torch.float32) if splits > 1 else logits
+    gemm = dict(
+        BLOCK_T=tiles.block_t, BLOCK_E=tiles.block_e, BLOCK_H=block_h,
+        # Products of two 16-bit values are exact in fp32; fp32 (or mixed) inputs get true fp32
+        # products, as transformers' fp32 linear computes them.
+        UPCAST=not same_16bit or (interpret and x.dtype == torch.bfloat16),
+        DOT_PRECISION="tf32" if same_16bit else "ieee",
+    )  # fmt: skip
+    grid = (triton.cdiv(T, tiles.block_t), triton.cdiv(E, tiles.block_e), splits)
+    _router_logits_kernel[grid](
+        x, weight, bias, partial, topk_weights, topk_ids,
+        T, H, h_per_split, x.stride(0), weight.stride(0), float(config.routed_scaling_factor),
+        SELECT=tiles.one_launch, **rule, **gemm, num_warps=4, num_stages=1 if interpret else 3,
+    )  # fmt: skip
+    if not tiles.one_launch:
+        # Whole rows per program: few tokens per program as E grows, so the score tiles stay in registers.
+        block_rows = max(1, min(64, 2048 // max(16, triton.next_power_of_2(E))))
+        _router_select_kernel[(triton.cdiv(T, block_rows),)](
+            partial, logits, bias, topk_weights, topk_ids, T, splits, float(config.routed_scaling_factor),
+            **rule, BLOCK_T=block_rows, BLOCK_E=max(16, triton.next_power_of_2(E)), num_warps=4,
+        )  # fmt: skip
+    return logits, topk_weights, topk_ids
