@@ -66,9 +66,12 @@ def routing_weights_of(router_logits: torch.Tensor, topk_ids: torch.Tensor, conf
     if config.scoring_func == "sigmoid":
         weights = router_logits.sigmoid().gather(1, topk_ids)
     else:
-        # Dropped groups' experts are never chosen (top_k fits the kept groups), so masking them
-        # as transformers does changes no chosen weight.
-        weights = router_logits.softmax(dim=-1, dtype=torch.float32).gather(1, topk_ids)
+        scores = router_logits.softmax(dim=-1, dtype=torch.float32)
+        if config.grouped:  # a dropped group's expert weighs 0 (chosen only where kept scores underflow)
+            T, E, G = scores.shape[0], config.num_experts, config.n_group
+            group_scores = scores.detach().view(T, G, E // G).max(dim=-1).values
+            scores = scores.masked_fill(~_kept_experts(group_scores, config), 0.0)
+        weights = scores.gather(1, topk_ids)
     if config.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * config.routed_scaling_factor
