@@ -100,6 +100,7 @@ def _measure(preset: str, num_tokens: int) -> dict:
     from deepseek_moe_fused.benchmark import graph_median_ms, make_layer
     from deepseek_moe_fused.kernels.launch import moe_experts_forward
     from deepseek_moe_fused.reference import naive_moe_experts
+    from deepseek_moe_fused.router import router_selected
     from deepseek_moe_fused.testing import make_activations
 
     # First call in a fresh Triton cache: what a user pays the first time this shape runs.
@@ -139,6 +140,9 @@ def _measure(preset: str, num_tokens: int) -> dict:
         naive_args = (x, topk_weights, topk_ids, weights.gate_up_proj, weights.down_proj, *shared)
         out["naive_ms"] = _median_ms(lambda: naive_moe_experts(*naive_args))
         out["layer_ms"] = _median_ms(lambda: layer(x))  # eager on purpose: what a caller sees
+        out["router_ms"] = graph_median_ms(lambda: layer.gate(x))
+        with router_selected("torch"):  # transformers' op sequence, the baseline
+            out["router_torch_ms"] = graph_median_ms(lambda: layer.gate(x))
 
     from deepseek_moe_fused.benchmark_backward import (
         GRAPHED_STEP_MAX_BYTES,

@@ -51,6 +51,15 @@ class ExpertsForward(_Tracks):
     track_first_call_compile_s = _track("compile_s", "s", "First call with an empty Triton cache.")
 
 
+class Router(_Tracks):
+    """The layer's router alone (logits + top-k): the Triton kernels and transformers' op
+    sequence, CUDA-graph replays."""
+
+    params = (list(PRESET_SIZES), _all_sizes(PRESET_SIZES))
+    track_router_ms = _track("router_ms", "ms", "Triton router (the layer's default).")
+    track_router_torch_ms = _track("router_torch_ms", "ms", "PyTorch router (DEEPSEEK_MOE_ROUTER=torch).")
+
+
 class LayerForwardBackward(_Tracks):
     """The whole layer (router + metadata + experts), forward and forward+backward, eager: host
     launch overhead included, as a caller sees it."""

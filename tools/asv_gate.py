@@ -20,10 +20,11 @@ from asv import results as asv_results
 
 HIGHER_IS_BETTER = ("pct_of_floor", "tflops")
 # Recorded in the history but not gating by default: first-call compile time (host CPU load), the
-# baselines (grouped_mm, naive: not our code), and the eager whole-layer times, whose Python launch overhead moved by
-# up to 1.5x between two runs of one commit on one H100 (layer fwd+bwd at N=1: 2.78 -> 4.26 ms).
-# The experts-only times are CUDA-graph replays and gate. `--ignore` with no words gates everything.
-DEFAULT_IGNORE = ("compile", "grouped_mm", "naive", "LayerForwardBackward")
+# baselines (grouped_mm, naive, the PyTorch router: not our code), and the eager whole-layer times,
+# whose Python launch overhead moved by up to 1.5x between two runs of one commit on one H100
+# (layer fwd+bwd at N=1: 2.78 -> 4.26 ms). The experts-only and router times are CUDA-graph replays
+# and gate. `--ignore` with no words gates everything.
+DEFAULT_IGNORE = ("compile", "grouped_mm", "naive", "router_torch", "LayerForwardBackward")
 
 
 def load(results_dir: str, machine: str, commit: str) -> dict[tuple[str, tuple], float]:
