@@ -145,6 +145,20 @@ def test_gradients_match_float64_autograd(device, config, T, seed):
         assert diff <= bound, f"{name}: |diff| {diff:.3e} > {bound:.3e}"
 
 
+def test_bias_cast_to_a_16bit_dtype_counts_as_its_fp32_value(device):
+    """A model cast with .to(torch.bfloat16) casts the bias buffer too; transformers adds it to
+    fp32 scores, so the router must use its exact value, not reject it."""
+    config = MoEConfig(hidden_dim=32, intermediate_dim=16, num_experts=8, top_k=2, scoring_func="sigmoid",
+                       topk_method="noaux_tc", n_group=2, topk_group=1, dtype=torch.float32)  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    x, weight = torch.randn(9, 32, generator=g).to(device), torch.randn(8, 32, generator=g).to(device)
+    bias = torch.randn(8, generator=g).to(device=device, dtype=torch.bfloat16)
+    got = route_tokens(x, weight, bias, config)
+    want = route_tokens(x, weight, bias.float(), config)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_torch_router_is_selectable(device, monkeypatch):
     config = MoEConfig(hidden_dim=32, intermediate_dim=16, num_experts=8, top_k=2, dtype=torch.float32)
     router = DeepSeekRouter(config, device=device)
