@@ -36,8 +36,8 @@ def select_experts(
     """
     T, E = router_logits.shape
     G = config.n_group
+    scores = _weight_scores(router_logits, config)
     if config.scoring_func == "sigmoid":
-        scores = router_logits.sigmoid()
         choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias
         choice = choice.detach()
         # Group score = sum of the two best (biased) scores in the group; a one-expert group has one.
@@ -45,36 +45,37 @@ def select_experts(
         group_scores = choice.view(T, G, E // G).topk(best, dim=-1)[0].sum(dim=-1)
         choice = choice.masked_fill(~_kept_experts(group_scores, config), float("-inf"))
         topk_ids = torch.topk(choice, k=config.top_k, dim=-1, sorted=False)[1]
-        topk_weights = scores.gather(1, topk_ids)
-        if config.norm_topk_prob:
-            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-    else:
-        scores = router_logits.softmax(dim=-1, dtype=torch.float32)
-        if config.grouped:
-            group_scores = scores.detach().view(T, G, E // G).max(dim=-1).values
-            # transformers zeroes (not -inf) the dropped groups' scores for softmax routing.
-            scores = scores.masked_fill(~_kept_experts(group_scores, config), 0.0)
-        topk_weights, topk_ids = torch.topk(scores, k=config.top_k, dim=-1, sorted=False)
-        if config.norm_topk_prob:
-            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return topk_weights * config.routed_scaling_factor, topk_ids
+    else:  # transformers takes topk's values; gathering them at its ids gives the same numbers
+        topk_ids = torch.topk(scores, k=config.top_k, dim=-1, sorted=False)[1]
+    return _weights_at(scores, topk_ids, config), topk_ids
+
+
+def _weight_scores(router_logits: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """(T, E) fp32 scores whose entries at the chosen experts are their routing weights before
+    renormalisation: the sigmoid, or the softmax with dropped groups' scores zeroed (not -inf),
+    as transformers does."""
+    if config.scoring_func == "sigmoid":
+        return router_logits.sigmoid()
+    scores = router_logits.softmax(dim=-1, dtype=torch.float32)
+    if config.grouped:
+        T, E, G = scores.shape[0], config.num_experts, config.n_group
+        group_scores = scores.detach().view(T, G, E // G).max(dim=-1).values
+        scores = scores.masked_fill(~_kept_experts(group_scores, config), 0.0)
+    return scores
+
+
+def _weights_at(scores: torch.Tensor, topk_ids: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """(T, K) routing weights: the chosen scores, renormalised if configured, scaled."""
+    weights = scores.gather(1, topk_ids)
+    if config.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * config.routed_scaling_factor
 
 
 def routing_weights_of(router_logits: torch.Tensor, topk_ids: torch.Tensor, config: MoEConfig) -> torch.Tensor:
     """(T, K) fp32 routing weights of the chosen experts as a differentiable function of the logits:
     the backward of the Triton router (the choice itself carries no gradient)."""
-    if config.scoring_func == "sigmoid":
-        weights = router_logits.sigmoid().gather(1, topk_ids)
-    else:
-        scores = router_logits.softmax(dim=-1, dtype=torch.float32)
-        if config.grouped:  # a dropped group's expert weighs 0 (chosen only where kept scores underflow)
-            T, E, G = scores.shape[0], config.num_experts, config.n_group
-            group_scores = scores.detach().view(T, G, E // G).max(dim=-1).values
-            scores = scores.masked_fill(~_kept_experts(group_scores, config), 0.0)
-        weights = scores.gather(1, topk_ids)
-    if config.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * config.routed_scaling_factor
+    return _weights_at(_weight_scores(router_logits, config), topk_ids, config)
 
 
 class TritonRouterFunction(torch.autograd.Function):
@@ -94,14 +95,11 @@ class TritonRouterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits, grad_weights, _grad_ids):
         x, weight, logits, topk_ids = ctx.saved_tensors
-        grad = torch.zeros_like(logits) if grad_logits is None else grad_logits.float()
-        if grad_weights is not None:
-            with torch.enable_grad():
-                leaf = logits.detach().requires_grad_()
-                (from_weights,) = torch.autograd.grad(
-                    routing_weights_of(leaf, topk_ids, ctx.config), leaf, grad_weights.float()
-                )
-            grad = grad + from_weights
+        # autograd passes zeros for an output without a gradient (materialized grads): no None here.
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_()
+            (from_weights,) = torch.autograd.grad(routing_weights_of(leaf, topk_ids, ctx.config), leaf, grad_weights)
+        grad = grad_logits + from_weights
         # As autograd through transformers' fp32 linear: fp32 products, cast back to each input's dtype.
         dx = (grad @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
         dweight = (grad.T @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None

@@ -6,9 +6,10 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from strategies import MAX_ROWS, TOKENS, assume_well_conditioned, moe_configs, num_tokens, seeds
 
-from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig, select_experts
+from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig
 from deepseek_moe_fused.moe_layer import BACKWARDS, backward_selected
 from deepseek_moe_fused.reference import oracle_moe_experts, oracle_topk_weights
+from deepseek_moe_fused.router import router_selected
 from deepseek_moe_fused.testing import TOLERANCES, error_stats
 
 
@@ -128,10 +129,9 @@ def test_layer_equals_transformers_block(device, config, data, seed):
     with torch.no_grad():
         ours, theirs = layer(x), block(x)
         logits, _, topk_ids = layer.gate(x.reshape(-1, config.hidden_dim))
-        bias = layer.gate.e_score_correction_bias
-        _, hf_ids = select_experts(torch.nn.functional.linear(x.reshape(-1, config.hidden_dim).float(),
-                                                              layer.gate.weight.float()), config, bias)  # fmt: skip
-    # transformers' choice (test_router proves select_experts makes it) vs the Triton router's:
+        with router_selected("torch"):
+            _, _, hf_ids = layer.gate(x.reshape(-1, config.hidden_dim))
+    # transformers' choice (test_router proves the torch router makes it) vs the Triton router's:
     # their fp32 logits differ by rounding, so a near-tie may go either way. Not a bug to hide: the
     # Triton choice is checked exactly in test_router_kernels, and a systematic difference would
     # filter out every example (Hypothesis reports that).

@@ -114,9 +114,10 @@ def route_tokens(
     )  # fmt: skip
     if not tiles.one_launch:
         # Whole rows per program: few tokens per program as E grows, so the score tiles stay in registers.
-        block_rows = max(1, min(64, 2048 // max(16, triton.next_power_of_2(E))))
+        all_experts = max(16, triton.next_power_of_2(E))
+        block_rows = max(1, min(64, 2048 // all_experts))
         _router_select_kernel[(triton.cdiv(T, block_rows),)](
             partial, logits, bias, topk_weights, topk_ids, T, splits, float(config.routed_scaling_factor),
-            **rule, BLOCK_T=block_rows, BLOCK_E=max(16, triton.next_power_of_2(E)), num_warps=4,
+            **rule, BLOCK_T=block_rows, BLOCK_E=all_experts, num_warps=4,
         )  # fmt: skip
     return logits, topk_weights, topk_ids
