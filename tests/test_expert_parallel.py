@@ -27,6 +27,8 @@ from deepseek_moe_fused.testing import TOLERANCES, error_stats, make_activations
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 # Every rank must finish one example within this: a collective that never completes fails the test.
 SPAWN_TIMEOUT_S = int(os.environ.get("EP_SPAWN_TIMEOUT_S", "120"))
+# Bound on E * H * I in the gloo (interpreter) cases, so each example finishes well inside it.
+MAX_EXPERT_WEIGHTS_CPU = 200_000
 
 
 class _Ranks:
@@ -218,7 +220,13 @@ def _check_given_routing(rank, world, config, tokens, kind, seed, device):
 @st.composite
 def ep_cases(draw):
     world = draw(st.sampled_from([2, 3]))
-    config = draw(moe_configs(dtypes=[torch.float32]))
+    # Every rank also runs the whole layer as its reference, all experts interpreted on 2 shared
+    # cores: E=61 with H=I=96 took over the rank timeout (found by a local, non-derandomized run).
+    config = draw(
+        moe_configs(dtypes=[torch.float32]).filter(
+            lambda c: c.num_experts * c.hidden_dim * c.intermediate_dim <= MAX_EXPERT_WEIGHTS_CPU
+        )
+    )
     # Uneven splits, ranks with no tokens, and fewer experts than ranks all occur.
     tokens = draw(st.lists(st.sampled_from([0, 1, 3, 8]), min_size=world, max_size=world))
     return world, config, tokens, draw(routing_kinds), draw(seeds)

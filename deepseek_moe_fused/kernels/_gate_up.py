@@ -11,8 +11,10 @@ def _swiglu_tile(
     x_ptr,  # (T, H) activations
     x_rows,  # (BLOCK_M,) int64: row of X each tile row reads
     row_mask,  # (BLOCK_M,) bool: tile rows that exist
-    gate_ptr,  # (n_cols, H) this program's gate weight rows
-    up_ptr,  # (n_cols, H) this program's up weight rows
+    gate_w,  # (rows, H) gate weight rows: pointer, or TMA descriptor when WEIGHTS_TMA
+    gate_row0,  # row of gate_w where this program's n_cols gate rows start
+    up_w,  # (rows, H) up weight rows, as gate_w
+    up_row0,
     h_ptr,  # (rows, n_cols) output activations
     h_rows,  # (BLOCK_M,) int64: row of h each tile row writes
     pre_ptr,  # (rows, 2 * n_cols) out when SAVE_PREACT: [gate | up] pre-activations, rows as h
@@ -24,6 +26,7 @@ def _swiglu_tile(
     stride_pm,
     pid_n,
     SAVE_PREACT: tl.constexpr,
+    WEIGHTS_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -31,7 +34,8 @@ def _swiglu_tile(
     DOT_PRECISION: tl.constexpr,
 ):
     """h[h_rows, n-tile] = silu(X[x_rows] @ gate^T) * (X[x_rows] @ up^T), fp32 accumulate."""
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_start = pid_n * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
     col_mask = offs_n < n_cols
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + x_rows[:, None] * stride_xt + offs_k[None, :]
@@ -42,9 +46,13 @@ def _swiglu_tile(
         k_mask = offs_k < H - k0
         # One X tile feeds both the gate and the up dot.
         x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        w_gate = tl.load(gate_ptr + w_offs, mask=w_mask, other=0.0)
-        w_up = tl.load(up_ptr + w_offs, mask=w_mask, other=0.0)
+        if WEIGHTS_TMA:  # columns past n_cols read other rows; the store masks them
+            w_gate = gate_w.load([gate_row0 + n_start, k0]).T
+            w_up = up_w.load([up_row0 + n_start, k0]).T
+        else:
+            w_mask = k_mask[:, None] & col_mask[None, :]
+            w_gate = tl.load(gate_w + gate_row0 * stride_wn + w_offs, mask=w_mask, other=0.0)
+            w_up = tl.load(up_w + up_row0 * stride_wn + w_offs, mask=w_mask, other=0.0)
         if UPCAST:  # the interpreter cannot multiply bf16
             x = x.to(tl.float32)
             w_gate = w_gate.to(tl.float32)
@@ -66,10 +74,11 @@ def _swiglu_tile(
 @triton.jit
 def _gate_up_swiglu_kernel(
     x_ptr,  # (T, H) activations, any float dtype
-    w_gate_ptr,  # (E, I, H) view: gate rows [0, I) of the routed gate_up weight (E, 2I, H)
-    w_up_ptr,  # (E, I, H) view: up rows [I, 2I) of the same weight
-    w_shared_gate_ptr,  # (S, H) shared experts' gate (unread when SHARED is off)
-    w_shared_up_ptr,  # (S, H) shared experts' up
+    w_gate_ptr,  # (E, I, H) view: gate rows [0, I) of the routed gate_up weight (E, 2I, H);
+    #   with WEIGHTS_TMA a descriptor over that whole weight as (E * 2I, H)
+    w_up_ptr,  # (E, I, H) view: up rows [I, 2I) of the same weight; with WEIGHTS_TMA the same descriptor
+    w_shared_gate_ptr,  # (S, H) shared experts' gate, pointer or descriptor (unread when SHARED is off)
+    w_shared_up_ptr,  # (S, H) shared experts' up, as the gate
     h_routed_ptr,  # (T*K, I) out: routed activations, expert-sorted rows
     h_shared_ptr,  # (T, S) out: shared activations
     pre_routed_ptr,  # (T*K, 2I) out when SAVE_PREACT: routed [gate | up] pre-activations, sorted rows
@@ -95,6 +104,7 @@ def _gate_up_swiglu_kernel(
     ROUTED: tl.constexpr,
     SHARED: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
+    WEIGHTS_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -118,12 +128,19 @@ def _gate_up_swiglu_kernel(
             rows, row_mask, slots = _tile_rows(
                 tile, sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, expert, BLOCK_M
             )
-            expert_offset = expert.to(tl.int64) * stride_we
+            if WEIGHTS_TMA:  # descriptor rows: expert e's gate rows start at e * 2I, its up rows at + I
+                gate_w, up_w = w_gate_ptr, w_up_ptr
+                gate_row0 = expert * 2 * I
+                up_row0 = gate_row0 + I
+            else:
+                expert_offset = expert.to(tl.int64) * stride_we
+                gate_w, up_w = w_gate_ptr + expert_offset, w_up_ptr + expert_offset
+                gate_row0, up_row0 = 0, 0
             _swiglu_tile(
                 x_ptr, (slots // top_k).to(tl.int64), row_mask,
-                w_gate_ptr + expert_offset, w_up_ptr + expert_offset,
+                gate_w, gate_row0, up_w, up_row0,
                 h_routed_ptr, rows.to(tl.int64), pre_routed_ptr,
-                I, H, stride_xt, stride_wn, stride_hr, stride_pr, pid % n_tiles_i, SAVE_PREACT,
+                I, H, stride_xt, stride_wn, stride_hr, stride_pr, pid % n_tiles_i, SAVE_PREACT, WEIGHTS_TMA,
                 BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
             )  # fmt: skip
     elif SHARED:
@@ -134,8 +151,8 @@ def _gate_up_swiglu_kernel(
         tokens = tokens.to(tl.int64)
         _swiglu_tile(
             x_ptr, tokens, token_mask,
-            w_shared_gate_ptr, w_shared_up_ptr,
+            w_shared_gate_ptr, 0, w_shared_up_ptr, 0,
             h_shared_ptr, tokens, pre_shared_ptr,
-            S, H, stride_xt, stride_sn, stride_hs, stride_ps, local % n_tiles_s, SAVE_PREACT,
+            S, H, stride_xt, stride_sn, stride_hs, stride_ps, local % n_tiles_s, SAVE_PREACT, WEIGHTS_TMA,
             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
         )  # fmt: skip

@@ -13,7 +13,9 @@ def _rows_matmul_tile(
     a_ptr,  # (rows, n_red) left operand; (rows, 2 * n_red) when TWO
     a_rows,  # (BLOCK_M,) int64: row of a each tile row reads
     row_mask,  # (BLOCK_M,) bool: tile rows that exist
-    b_ptr,  # (n_red, n_cols) strided: right operand of a's first n_red columns
+    b_ptr,  # (n_red, n_cols) strided: right operand of a's first n_red columns; with B_TMA a
+    #   descriptor over b^T's rows, (.., n_red), whose rows b_row0 + [0, n_cols) are this b^T
+    b_row0,
     b2_ptr,  # (n_red, n_cols) same strides: right operand of a's columns [n_red, 2 n_red) (TWO only)
     scale,  # (BLOCK_M,) fp32: factor of each output row
     out_ptr,  # (rows', n_cols) output
@@ -26,6 +28,7 @@ def _rows_matmul_tile(
     stride_out,
     pid_n,
     TWO: tl.constexpr,
+    B_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -35,7 +38,8 @@ def _rows_matmul_tile(
     """out[out_rows, n-tile] = scale * (a[a_rows] @ b [+ a[a_rows, n_red:] @ b2]), fp32
     accumulate, one rounding at the end. Strides of 1 are specialised by Triton, so a transposed
     right operand costs nothing over a contiguous one."""
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_start = pid_n * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
     col_mask = offs_n < n_cols
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + offs_k[None, :]
@@ -46,7 +50,10 @@ def _rows_matmul_tile(
         a_mask = row_mask[:, None] & k_mask[None, :]
         b_mask = k_mask[:, None] & col_mask[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0)
+        if B_TMA:  # noqa: SIM108 (a constexpr branch)  columns past n_cols read other rows; the store masks them
+            b = b_ptr.load([b_row0 + n_start, k0]).T
+        else:
+            b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0)
         if UPCAST:  # the interpreter cannot multiply bf16
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -67,9 +74,10 @@ def _rows_matmul_tile(
 def _rows_matmul_kernel(
     a_routed_ptr,  # (T*K, [2] n_red) expert-sorted rows, or (T, n_red) read by token when A_BY_TOKEN
     a_shared_ptr,  # (T, [2] n_red_shared)
-    b_ptr,  # (E, n_red, n_cols) strided: routed right operands
+    b_ptr,  # (E, n_red, n_cols) strided: routed right operands; with B_TMA a descriptor over
+    #   the transposed operands as (E * n_cols, n_red)
     b2_ptr,  # (E, n_red, n_cols) same strides (TWO only)
-    shared_b_ptr,  # (n_red_shared, n_cols_shared) strided
+    shared_b_ptr,  # (n_red_shared, n_cols_shared) strided; with B_TMA a descriptor over its transpose
     shared_b2_ptr,  # (n_red_shared, n_cols_shared) same strides (TWO only)
     topk_weights_ptr,  # (T*K,) fp32: routing weight of each slot (SCALE only)
     out_routed_ptr,  # (T*K, n_cols) out: by slot when OUT_BY_SLOT, else by sorted row
@@ -97,6 +105,7 @@ def _rows_matmul_kernel(
     ROUTED: tl.constexpr,
     SHARED: tl.constexpr,
     TWO: tl.constexpr,
+    B_TMA: tl.constexpr,  # right operands through TMA descriptors (never with TWO)
     A_BY_TOKEN: tl.constexpr,
     OUT_BY_SLOT: tl.constexpr,
     SCALE: tl.constexpr,
@@ -130,12 +139,16 @@ def _rows_matmul_kernel(
                 scale = tl.full((BLOCK_M,), 1.0, tl.float32)
             a_rows = (slots // top_k).to(tl.int64) if A_BY_TOKEN else rows.to(tl.int64)
             out_rows = slots.to(tl.int64) if OUT_BY_SLOT else rows.to(tl.int64)
-            e_offset = expert.to(tl.int64) * stride_be
+            if B_TMA:
+                b, b2, b_row0 = b_ptr, b2_ptr, expert * n_cols
+            else:
+                e_offset = expert.to(tl.int64) * stride_be
+                b, b2, b_row0 = b_ptr + e_offset, b2_ptr + e_offset, 0
             _rows_matmul_tile(
-                a_routed_ptr, a_rows, row_mask, b_ptr + e_offset, b2_ptr + e_offset, scale,
+                a_routed_ptr, a_rows, row_mask, b, b_row0, b2, scale,
                 out_routed_ptr, out_rows,
                 n_red, n_cols, stride_ar, stride_bk, stride_bn, stride_or, pid % n_tiles,
-                TWO, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+                TWO, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
             )  # fmt: skip
     elif SHARED:
         local = pid - num_routed
@@ -144,8 +157,8 @@ def _rows_matmul_kernel(
         token_mask = tokens < T
         tokens = tokens.to(tl.int64)
         _rows_matmul_tile(
-            a_shared_ptr, tokens, token_mask, shared_b_ptr, shared_b2_ptr, tl.full((BLOCK_M,), 1.0, tl.float32),
+            a_shared_ptr, tokens, token_mask, shared_b_ptr, 0, shared_b2_ptr, tl.full((BLOCK_M,), 1.0, tl.float32),
             out_shared_ptr, tokens,
             n_red_shared, n_cols_shared, stride_as, stride_sbk, stride_sbn, stride_os, local % n_tiles_s,
-            TWO, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+            TWO, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
         )  # fmt: skip

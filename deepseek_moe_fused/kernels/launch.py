@@ -11,7 +11,7 @@ import triton
 from .._checks import FLOAT_DTYPES, check_tensor
 from .._interpret import interpreter_active
 from ..routing_metadata import RoutingMetadata, build_routing_metadata
-from . import _tiles
+from . import _tiles, _tma
 from ._alloc import new_output
 from ._combine import _combine_kernel
 from ._gate_up import _gate_up_swiglu_kernel
@@ -152,6 +152,14 @@ def _checked_tiles(
     return tiles
 
 
+def _weight_descriptors(matrices: list[torch.Tensor | None], block_rows: int, block_cols: int) -> list | None:
+    """TMA descriptors for weight tiles of (block_rows, block_cols) over each of `matrices` (from
+    `_tma.rows_of`), or None when TMA is off here or any matrix or the box breaks its rules."""
+    if not all(m is not None for m in matrices) or not _tma.box_fits(block_rows, block_cols):
+        return None
+    return [_tma.descriptor(m, block_rows, block_cols) for m in matrices]
+
+
 def gate_up_swiglu(
     x: torch.Tensor,  # (T, H)
     weights: ExpertWeights,
@@ -184,19 +192,30 @@ def gate_up_swiglu(
     gate, up = weights.gate_up_proj[:, :I], weights.gate_up_proj[:, I:]
     # Pointer arguments of a disabled part get a tensor that exists; ROUTED/SHARED keep them unread.
     shared_gate, shared_up = weights.shared_gate_up() if shared else (gate, up)
+    weight_args = (gate, up, shared_gate, shared_up)
+    descriptors = None
+    if _tma.tma_enabled(x.device):
+        matrices = ([_tma.rows_of(weights.gate_up_proj)] if routed else []) + (
+            [_tma.rows_of(shared_gate), _tma.rows_of(shared_up)] if shared else []
+        )
+        descriptors = _weight_descriptors(matrices, bn, tiles.block_k)
+    if descriptors is not None:  # the routed descriptor serves gate and up; an absent part gets a present one's
+        routed_desc = descriptors[0] if routed else descriptors[-1]
+        shared_descs = descriptors[-2:] if shared else [routed_desc, routed_desc]
+        weight_args = (routed_desc, routed_desc, *shared_descs)
     h_routed_arg = h_routed if routed else h_shared
     h_shared_arg = h_shared if shared else h_routed
     save = preacts is not None
     pre_routed = preacts.routed if save and routed else h_routed_arg
     pre_shared = preacts.shared if save and shared else h_shared_arg
     _gate_up_swiglu_kernel[(num_programs,)](
-        x, gate, up, shared_gate, shared_up,
+        x, *weight_args,
         h_routed_arg, h_shared_arg, pre_routed, pre_shared,
         metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
         T, H, I, S, metadata.top_k, metadata.max_tiles,
         x.stride(0), gate.stride(0), gate.stride(1), shared_gate.stride(0),
         h_routed_arg.stride(0), h_shared_arg.stride(0), pre_routed.stride(0), pre_shared.stride(0),
-        ROUTED=routed, SHARED=shared, SAVE_PREACT=save,
+        ROUTED=routed, SHARED=shared, SAVE_PREACT=save, WEIGHTS_TMA=descriptors is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **_kernel_flags(x.dtype),
@@ -278,14 +297,21 @@ def launch_rows_matmul(
         return
     two = r.b2 is not None
     scale = topk_weights is not None
+    b_args = (r.b, r.b2 if two else r.b, s.b, s.b2 if two else s.b)
+    descriptors = None
+    # TMA boxes run along the reduction, which must be b's inner dimension: a transposed b.
+    if not two and r.b_transposed and s.b_transposed and _tma.tma_enabled(r.a.device):
+        descriptors = _weight_descriptors([_tma.rows_of(r.b), _tma.rows_of(s.b)], bn, tiles.block_k)
+    if descriptors is not None:
+        b_args = (descriptors[0], descriptors[0], descriptors[1], descriptors[1])
     _rows_matmul_kernel[(grid,)](
-        r.a, s.a, r.b, r.b2 if two else r.b, s.b, s.b2 if two else s.b, topk_weights if scale else r.out,
+        r.a, s.a, *b_args, topk_weights if scale else r.out,
         r.out, s.out,
         metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
         num_tokens, metadata.top_k, metadata.max_tiles, n_red, n_cols, n_red_s, n_cols_s,
         r.a.stride(0), s.a.stride(0), stride_be, stride_bk, stride_bn, stride_sbk, stride_sbn,
         r.out.stride(-2), s.out.stride(-2),
-        ROUTED=routed is not None, SHARED=shared is not None, TWO=two,
+        ROUTED=routed is not None, SHARED=shared is not None, TWO=two, B_TMA=descriptors is not None,
         A_BY_TOKEN=a_by_token, OUT_BY_SLOT=out_by_slot, SCALE=scale,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_kernel_flags(r.a.dtype),
