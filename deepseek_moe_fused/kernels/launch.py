@@ -154,7 +154,8 @@ def _checked_tiles(
 
 def _weight_descriptors(matrices: list[torch.Tensor | None], block_rows: int, block_cols: int) -> list | None:
     """TMA descriptors for weight tiles of (block_rows, block_cols) over each of `matrices` (from
-    `_tma.rows_of`), or None when TMA is off here or any matrix or the box breaks its rules."""
+    `_tma.rows_of`), or None when any matrix or the box breaks TMA's rules (callers check first
+    that TMA is on for the device)."""
     if not all(m is not None for m in matrices) or not _tma.box_fits(block_rows, block_cols):
         return None
     return [_tma.descriptor(m, block_rows, block_cols) for m in matrices]
