@@ -98,6 +98,7 @@ def _measure(preset: str, num_tokens: int) -> dict:
 
     from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig, baselines
     from deepseek_moe_fused.benchmark import graph_median_ms, make_layer
+    from deepseek_moe_fused.benchmark_backward import peak_mb
     from deepseek_moe_fused.kernels.launch import moe_experts_forward
     from deepseek_moe_fused.reference import naive_moe_experts
     from deepseek_moe_fused.router import router_selected
@@ -123,12 +124,14 @@ def _measure(preset: str, num_tokens: int) -> dict:
     out["compile_s"] = start.elapsed_time(end) / 1e3
 
     with torch.no_grad():
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+
+        def fused():
+            return moe_experts_forward(x, topk_weights, topk_ids, weights)
+
+        out["fused_peak_mb"] = peak_mb(fused)
         # CUDA-graph replays: eager small-batch times (mostly Python launch overhead) moved by up to
         # 1.6x between two runs of one commit on one H100, which no gate can work with.
-        out["fused_ms"] = graph_median_ms(lambda: moe_experts_forward(x, topk_weights, topk_ids, weights))
-        out["fused_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out["fused_ms"] = graph_median_ms(fused)
         out["unfused_ms"] = graph_median_ms(
             lambda: moe_experts_forward(x, topk_weights, topk_ids, weights, fuse_shared=False)
         )
@@ -158,14 +161,8 @@ def _measure(preset: str, num_tokens: int) -> dict:
     grad = torch.randn_like(x)
 
     def timed_with_peak(key, fn):
-        # Each peak counts its own gradients: none may be left over from the previous run.
-        layer.zero_grad(set_to_none=True)
-        x_grad.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        out[f"{key}_peak_mb"] = peak_mb(fn, layer, x_grad)
         out[f"{key}_ms"] = _median_ms(fn)
-        out[f"{key}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
 
     # The PyTorch backward keeps fp32 gradients of every expert (45 GB for a V3 layer beside its
     # 22.5 GB of weights): only where they fit.

@@ -43,6 +43,24 @@ def layer_fwd_bwd_step(layer, x, grad, backward: str):
     return step
 
 
+def peak_mb(fn, layer=None, x=None) -> float:
+    """Peak device memory of one warm call of `fn` over what was allocated before it; with `layer`
+    and `x`, a training step's, whose gradients are cleared first so that the peak counts its own.
+    Measured around a single call, not inside a timing loop: triton's do_bench allocates its
+    256 MB L2-flush buffer there, and a first call allocates once-per-process state (cuBLAS
+    workspaces) that a training loop pays once."""
+    fn()
+    if layer is not None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def layer_fwd_step(layer, x, backward: str):
     """The forward alone, with autograd recording (and saving for backward) as in training."""
 
@@ -127,15 +145,8 @@ def bench_fwd_bwd(
     row = {}
     for name, fn in runs.items():
         if on_gpu:
-            # Each peak counts its own gradients: none may be left over from the previous run.
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            row[f"fwd_bwd_{name}_peak_mb"] = peak_mb(fn, layer, x)
         row[f"fwd_bwd_{name}_ms"] = time_ms(fn, on_gpu)
-        if on_gpu:
-            row[f"fwd_bwd_{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     if on_gpu and graph_ms is not None and routed_bytes <= GRAPHED_STEP_MAX_BYTES:
         row.update(graph_fwd_bwd_times(layer, x, grad, graph_ms, with_grouped_mm="grouped_mm" in runs))
     else:
