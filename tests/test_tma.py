@@ -39,9 +39,11 @@ def test_rows_of_on_views():
     assert _tma.rows_of(weight.view(-1)[1:1025].view(16, 64)) is None  # base 2 bytes off alignment
 
 
-def test_switch_turns_tma_off(device):
+def test_switch_turns_tma_off(device, monkeypatch):
     with env_set(_tma.TMA_ENV, "off"):
         assert not _tma.tma_enabled(device)
+    monkeypatch.setattr(_tma, "_descriptor_class", lambda: None)  # a Triton without host descriptors
+    assert not _tma.tma_enabled(device)
     with env_set(_tma.TMA_ENV, "sometimes"), pytest.raises(ValueError, match=_tma.TMA_ENV):
         _tma.tma_enabled(device)
 

@@ -32,9 +32,19 @@ def _device_has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
+@functools.cache
+def _descriptor_class():
+    """Triton's host-side descriptor, or None in a Triton too old to have one (pointer loads then)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
 def tma_enabled(device: torch.device) -> bool:
     """Whether the expert kernels read weight tiles through TMA descriptors on `device`."""
-    if env_choice(TMA_ENV, ("auto", "off"), "auto") == "off":
+    if env_choice(TMA_ENV, ("auto", "off"), "auto") == "off" or _descriptor_class() is None:
         return False
     if interpreter_active():
         return True
@@ -58,9 +68,7 @@ def rows_of(weight: torch.Tensor) -> torch.Tensor | None:
 
 def descriptor(matrix: torch.Tensor, block_rows: int, block_cols: int):
     """A TMA descriptor over the 2-D `matrix` (from `rows_of`) for (block_rows, block_cols) tiles."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor.from_tensor(matrix, [block_rows, block_cols])
+    return _descriptor_class().from_tensor(matrix, [block_rows, block_cols])
 
 
 def box_fits(*sides: int) -> bool:
