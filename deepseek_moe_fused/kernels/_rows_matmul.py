@@ -50,7 +50,7 @@ def _rows_matmul_tile(
         a_mask = row_mask[:, None] & k_mask[None, :]
         b_mask = k_mask[:, None] & col_mask[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        if B_TMA:  # noqa: SIM108 (a constexpr branch)  columns past n_cols read other rows; the store masks them
+        if B_TMA:  # columns past n_cols read other rows of b^T; the store masks them
             b = b_ptr.load([b_row0 + n_start, k0]).T
         else:
             b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0)
