@@ -87,18 +87,11 @@ def ceilings():
     return measured
 
 
-def _median_ms(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 def _measure(preset: str, num_tokens: int) -> dict:
     import torch
 
     from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig, baselines
-    from deepseek_moe_fused.benchmark import graph_median_ms, make_layer
-    from deepseek_moe_fused.benchmark_backward import peak_mb
+    from deepseek_moe_fused.benchmark import graph_median_ms, make_layer, peak_mb, time_ms
     from deepseek_moe_fused.kernels.launch import moe_experts_forward
     from deepseek_moe_fused.reference import naive_moe_experts
     from deepseek_moe_fused.router import router_selected
@@ -141,8 +134,8 @@ def _measure(preset: str, num_tokens: int) -> dict:
         # The seed's per-expert loop syncs with the host for every expert: eager, as it is used.
         shared = (weights.shared_gate, weights.shared_up, weights.shared_down)
         naive_args = (x, topk_weights, topk_ids, weights.gate_up_proj, weights.down_proj, *shared)
-        out["naive_ms"] = _median_ms(lambda: naive_moe_experts(*naive_args))
-        out["layer_ms"] = _median_ms(lambda: layer(x))  # eager on purpose: what a caller sees
+        out["naive_ms"] = time_ms(lambda: naive_moe_experts(*naive_args), on_gpu=True)
+        out["layer_ms"] = time_ms(lambda: layer(x), on_gpu=True)  # eager on purpose: what a caller sees
         out["router_ms"] = graph_median_ms(lambda: layer.gate(x))
         with router_selected("torch"):  # transformers' op sequence, the baseline
             out["router_torch_ms"] = graph_median_ms(lambda: layer.gate(x))
@@ -162,7 +155,7 @@ def _measure(preset: str, num_tokens: int) -> dict:
 
     def timed_with_peak(key, fn):
         out[f"{key}_peak_mb"] = peak_mb(fn, layer, x_grad)
-        out[f"{key}_ms"] = _median_ms(fn)
+        out[f"{key}_ms"] = time_ms(fn, on_gpu=True)
 
     # The PyTorch backward keeps fp32 gradients of every expert (45 GB for a V3 layer beside its
     # 22.5 GB of weights): only where they fit.

@@ -134,15 +134,27 @@ def replayable(fn):
     return graph.replay
 
 
-def _median_ms(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 def graph_median_ms(fn) -> float:
     """Device time of `fn` replayed from a CUDA graph (eager where it cannot be captured)."""
-    return _median_ms(replayable(fn))
+    return time_ms(replayable(fn), on_gpu=True)
+
+
+def peak_mb(fn, layer=None, x=None) -> float:
+    """Peak device memory of one warm call of `fn` over what was allocated before it; with `layer`
+    and `x`, a training step's, whose gradients are cleared first so that the peak counts its own.
+    Measured around a single call, not inside a timing loop: triton's do_bench allocates its
+    256 MB L2-flush buffer there, and a first call allocates once-per-process state (cuBLAS
+    workspaces) that a training loop pays once."""
+    fn()
+    if layer is not None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 # Rounds of the interleaved timing: each implementation's median is the median of its rounds.
@@ -157,7 +169,7 @@ def interleaved_medians_ms(replays: dict) -> dict:
     rounds = {name: [] for name in replays}
     for _ in range(TIMING_ROUNDS):
         for name, replay in replays.items():
-            rounds[name].append(_median_ms(replay))
+            rounds[name].append(time_ms(replay, on_gpu=True))
     return {name: statistics.median(times) for name, times in rounds.items()}
 
 

@@ -17,6 +17,7 @@ import time
 import torch
 
 from . import baselines
+from .benchmark import peak_mb
 from .moe_layer import backward_selected
 from .router import router_selected
 from .testing import TOLERANCES, error_stats, make_activations
@@ -41,24 +42,6 @@ def layer_fwd_bwd_step(layer, x, grad, backward: str):
         out.backward(grad)
 
     return step
-
-
-def peak_mb(fn, layer=None, x=None) -> float:
-    """Peak device memory of one warm call of `fn` over what was allocated before it; with `layer`
-    and `x`, a training step's, whose gradients are cleared first so that the peak counts its own.
-    Measured around a single call, not inside a timing loop: triton's do_bench allocates its
-    256 MB L2-flush buffer there, and a first call allocates once-per-process state (cuBLAS
-    workspaces) that a training loop pays once."""
-    fn()
-    if layer is not None:
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def layer_fwd_step(layer, x, backward: str):

@@ -71,5 +71,13 @@ def descriptor(matrix: torch.Tensor, block_rows: int, block_cols: int):
     return _descriptor_class().from_tensor(matrix, [block_rows, block_cols])
 
 
-def box_fits(*sides: int) -> bool:
-    return all(side <= _MAX_BOX for side in sides)
+def weight_descriptors(device: torch.device, weights: list[torch.Tensor], block_rows: int, block_cols: int):
+    """Descriptors for (block_rows, block_cols) tiles of each of `weights`, each taken as one matrix
+    of all its rows; None where TMA is off for `device` or any weight or the box breaks its rules
+    (the kernels then load every weight through pointers)."""
+    if not tma_enabled(device) or max(block_rows, block_cols) > _MAX_BOX:
+        return None
+    matrices = [rows_of(w) for w in weights]
+    if any(m is None for m in matrices):
+        return None
+    return [descriptor(m, block_rows, block_cols) for m in matrices]

@@ -152,15 +152,6 @@ def _checked_tiles(
     return tiles
 
 
-def _weight_descriptors(matrices: list[torch.Tensor | None], block_rows: int, block_cols: int) -> list | None:
-    """TMA descriptors for weight tiles of (block_rows, block_cols) over each of `matrices` (from
-    `_tma.rows_of`), or None when any matrix or the box breaks TMA's rules (callers check first
-    that TMA is on for the device)."""
-    if not all(m is not None for m in matrices) or not _tma.box_fits(block_rows, block_cols):
-        return None
-    return [_tma.descriptor(m, block_rows, block_cols) for m in matrices]
-
-
 def gate_up_swiglu(
     x: torch.Tensor,  # (T, H)
     weights: ExpertWeights,
@@ -194,12 +185,8 @@ def gate_up_swiglu(
     # Pointer arguments of a disabled part get a tensor that exists; ROUTED/SHARED keep them unread.
     shared_gate, shared_up = weights.shared_gate_up() if shared else (gate, up)
     weight_args = (gate, up, shared_gate, shared_up)
-    descriptors = None
-    if _tma.tma_enabled(x.device):
-        matrices = ([_tma.rows_of(weights.gate_up_proj)] if routed else []) + (
-            [_tma.rows_of(shared_gate), _tma.rows_of(shared_up)] if shared else []
-        )
-        descriptors = _weight_descriptors(matrices, bn, tiles.block_k)
+    described = ([weights.gate_up_proj] if routed else []) + ([shared_gate, shared_up] if shared else [])
+    descriptors = _tma.weight_descriptors(x.device, described, bn, tiles.block_k)
     if descriptors is not None:  # the routed descriptor serves gate and up; an absent part gets a present one's
         routed_desc = descriptors[0] if routed else descriptors[-1]
         shared_descs = descriptors[-2:] if shared else [routed_desc, routed_desc]
@@ -301,8 +288,8 @@ def launch_rows_matmul(
     b_args = (r.b, r.b2 if two else r.b, s.b, s.b2 if two else s.b)
     descriptors = None
     # TMA boxes run along the reduction, which must be b's inner dimension: a transposed b.
-    if not two and r.b_transposed and s.b_transposed and _tma.tma_enabled(r.a.device):
-        descriptors = _weight_descriptors([_tma.rows_of(r.b), _tma.rows_of(s.b)], bn, tiles.block_k)
+    if not two and r.b_transposed and s.b_transposed:
+        descriptors = _tma.weight_descriptors(r.a.device, [r.b, s.b], bn, tiles.block_k)
     if descriptors is not None:
         b_args = (descriptors[0], descriptors[0], descriptors[1], descriptors[1])
     _rows_matmul_kernel[(grid,)](
