@@ -125,6 +125,27 @@ def test_short_experts_get_the_short_weight_gradient_tile(monkeypatch):
     assert fp32.weight_grad == _tiles.backward_tiles(128, 2048, 1408, False, itemsize=4).weight_grad
 
 
+@pytest.mark.parametrize(
+    ("rows_per_expert", "itemsize", "tile", "tma"),
+    [
+        (192, 2, (128, 128, 32, 4, 4), False),  # v2-lite N=2048: the masked last box costs more than TMA gains
+        (512, 2, (128, 128, 32, 4, 4), False),  # seed N=2048: the edge of "short"
+        (768, 2, (128, 128, 32, 4, 4), True),  # v2-lite N=8192
+        (1536, 2, (128, 256, 32, 8, 4), True),  # v2-lite N=16384
+        (None, 2, (128, 256, 32, 8, 4), True),  # unknown: many rows
+        (768, 4, (128, 128, 32, 8, 3), False),  # fp32: measured without TMA only
+    ],
+)
+def test_weight_gradient_tiles_with_tma(monkeypatch, rows_per_expert, itemsize, tile, tma):
+    monkeypatch.delenv(_tiles.FORCE_TILES_ENV, raising=False)
+    tiles = _tiles.backward_tiles(128, 2048, 1408, False, itemsize, rows_per_expert, tma=True)
+    assert (tiles.weight_grad, tiles.weight_grad_tma) == (_tiles.TileConfig(*tile), tma)
+    # Without TMA no tile asks for it, and long experts keep the tile measured for pointer loads.
+    no_tma = _tiles.backward_tiles(128, 2048, 1408, False, itemsize, rows_per_expert, tma=False)
+    assert not no_tma.weight_grad_tma
+    assert no_tma.weight_grad == _tiles.backward_tiles(128, 2048, 1408, False, itemsize, rows_per_expert).weight_grad
+
+
 def test_backward_tiles_take_the_override_but_keep_the_metadata_height(monkeypatch):
     monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_m=16,block_n=32,num_stages=2")
     tiles = _tiles.backward_tiles(64, 256, 128, False)

@@ -1,4 +1,7 @@
-"""TMA weight tiles: which weights qualify, the switch, and both load paths against the oracle."""
+"""TMA tiles: which matrices qualify, the switch, and both load paths of the forward and of the
+weight gradients against the oracle."""
+
+import itertools
 
 import pytest
 import torch
@@ -6,9 +9,11 @@ import torch
 from deepseek_moe_fused import MoEConfig, fused_moe_experts
 from deepseek_moe_fused._env import env_set
 from deepseek_moe_fused.kernels import _tma
-from deepseek_moe_fused.kernels._alloc import poisoned_outputs
+from deepseek_moe_fused.kernels._alloc import new_output, poisoned_outputs
+from deepseek_moe_fused.kernels._tiles import TileConfig
+from deepseek_moe_fused.kernels.launch_backward import grouped_weight_grad
 from deepseek_moe_fused.reference import oracle_moe_experts
-from deepseek_moe_fused.testing import TOLERANCES, error_stats, make_moe_inputs
+from deepseek_moe_fused.testing import TOLERANCES, error_stats, make_activations, make_moe_inputs
 
 
 @pytest.mark.parametrize(
@@ -71,3 +76,27 @@ def test_both_weight_load_paths_match_oracle(device, monkeypatch, tma, experts, 
     assert bool(descriptors) == (tma == "auto" and tma_here)
     stats = error_stats(out, oracle_moe_experts(*inputs.kernel_args()))
     assert stats.within(TOLERANCES[dtype]), stats
+
+
+@pytest.mark.parametrize("tma", ["auto", "off"])
+def test_both_weight_gradient_load_paths_match_oracle(device, monkeypatch, tma):
+    descriptors = []
+    make_descriptor = _tma.descriptor
+    monkeypatch.setattr(_tma, "descriptor", lambda *args: descriptors.append(args) or make_descriptor(*args))
+    # Rows per expert against the 16-row step: none; exactly one step; one step and a row (the
+    # tail box reaches into the next expert's rows, which must not enter the sum); less than one
+    # step; several steps and a tail that runs past the last row of the matrix.
+    counts = [0, 16, 17, 5, 40]
+    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=device)
+    rows, P, Q = sum(counts), 40, 24  # P and Q not multiples of the 16-wide output tile
+    a = make_activations(rows, P, seed=1, dtype=torch.float16, device=device)
+    b = make_activations(rows, Q, seed=2, dtype=torch.float16, device=device)
+    with env_set(_tma.TMA_ENV, tma), poisoned_outputs():
+        out = new_output(a, (len(counts), P, Q))
+        grouped_weight_grad(a, b, out, offsets, TileConfig(16, 16, 16, 4, 1))
+        tma_here = _tma.tma_enabled(device)
+    assert len(descriptors) == (2 if tma == "auto" and tma_here else 0)
+    bounds = offsets.tolist()
+    want = torch.stack([a[lo:hi].double().T @ b[lo:hi].double() for lo, hi in itertools.pairwise(bounds)])
+    stats = error_stats(out, want)
+    assert stats.within(TOLERANCES[torch.float16]), stats

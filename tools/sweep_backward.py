@@ -2,6 +2,7 @@
 backward's tile heuristic (kernels/_tiles.py `backward_tiles`, docs/perf-notes.md).
 
     python tools/sweep_backward.py --presets seed deepseek-v2-lite --batch_sizes 2048 8192
+    python tools/sweep_backward.py --stages weight_grad   # one stage; weight gradients TMA on and off
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from dataclasses import replace
 import torch
 import triton.testing
 
+from deepseek_moe_fused._env import env_set
 from deepseek_moe_fused.benchmark import make_layer, measure_ceilings
 from deepseek_moe_fused.config import PRESETS, MoEConfig
-from deepseek_moe_fused.kernels import _tiles
-from deepseek_moe_fused.kernels import launch_backward as stages
+from deepseek_moe_fused.kernels import _tiles, _tma
+from deepseek_moe_fused.kernels import launch_backward as launchers
 from deepseek_moe_fused.kernels.launch import moe_experts_forward, new_preactivations, routing_metadata_for
 from deepseek_moe_fused.testing import make_activations
 
@@ -34,14 +36,17 @@ WEIGHT_GRAD = [
     (256, 128, 32, 8, 4),
     (128, 128, 32, 8, 4),
     (64, 256, 32, 4, 4),
+    (128, 128, 64, 8, 4),
+    (128, 256, 64, 8, 4),
 ]
+STAGES = ("down_grad", "swiglu", "dx", "weight_grad", "shared_weight_grad")
 
 
 def median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float) -> None:
+def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float, stages: tuple[str, ...]) -> None:
     layer = make_layer(config, torch.device("cuda"), 0)
     w = layer.expert_weights()
     H, I, S, K = config.hidden_dim, config.intermediate_dim, config.shared_intermediate_dim, config.top_k
@@ -54,11 +59,13 @@ def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float) -> None:
     moe_experts_forward(x, topk_weights, topk_ids, w, metadata, preacts=preacts)
     flat_weights = topk_weights.reshape(-1).float().contiguous()
     rows = num_tokens * K
-    base = _tiles.backward_tiles(metadata.block_m, H, max(I, S), False, rows_per_expert=rows / config.num_experts)
+    base = _tiles.backward_tiles(
+        metadata.block_m, H, max(I, S), False, rows_per_expert=rows / config.num_experts, tma=_tma.tma_enabled(x.device)
+    )
     print(f"\n== N={num_tokens} block_m={metadata.block_m} heuristic {base}")
     # Timing repeats a stage on the same buffers: the SwiGLU stage rewrites the pre-activations and
     # dA in place each time, which changes their values but not the work.
-    act_routed, act_shared = stages._down_grad_stage(dy, w, metadata, base.down_grad)
+    act_routed, act_shared = launchers._down_grad_stage(dy, w, metadata, base.down_grad)
 
     def report(name, tiles, fn, flops=None, nbytes=None):
         try:
@@ -74,30 +81,32 @@ def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float) -> None:
             print(f"  {name} {tiles}: {ms * 1e3:7.0f} us {nbytes / ms / 1e9:5.2f} TB/s")
 
     down_grad_flops = 2 * (rows * I + num_tokens * S) * H
-    for bn, bk, warps, st in DOWN_GRAD:
+    for bn, bk, warps, st in DOWN_GRAD if "down_grad" in stages else ():
         t = replace(base.down_grad, block_n=bn, block_k=bk, num_warps=warps, num_stages=st)
-        fn = lambda t=t: stages._down_grad_stage(dy, w, metadata, t)  # noqa: E731
+        fn = lambda t=t: launchers._down_grad_stage(dy, w, metadata, t)  # noqa: E731
         report("dY W_down", (bn, bk, warps, st), fn, down_grad_flops)
     # Per element of (rows x I) + (T x S): reads dA, g, u; writes act, dg, du.
     swiglu_bytes = 6 * (rows * I + num_tokens * S) * x.element_size()
-    for bm, bn, warps in SWIGLU:
+    for bm, bn, warps in SWIGLU if "swiglu" in stages else ():
         t = _tiles.ElementwiseTiles(bm, bn, warps)
-        fn = lambda t=t: stages._swiglu_backward_stage(act_routed, act_shared, flat_weights, metadata, preacts, t)  # noqa: E731
+        fn = lambda t=t: launchers._swiglu_backward_stage(act_routed, act_shared, flat_weights, metadata, preacts, t)  # noqa: E731
         report("swiglu", (bm, bn, warps), fn, nbytes=swiglu_bytes)
-    for bn, bk, warps, st in DX:
+    for bn, bk, warps, st in DX if "dx" in stages else ():
         t = replace(base.dx, block_n=bn, block_k=bk, num_warps=warps, num_stages=st)
         report(
             "dx",
             (bn, bk, warps, st),
-            lambda t=t: stages._dx_stage(num_tokens, preacts, w, metadata, t),
+            lambda t=t: launchers._dx_stage(num_tokens, preacts, w, metadata, t),
             2 * down_grad_flops,
         )
-    for cfg in WEIGHT_GRAD:
+    for cfg in WEIGHT_GRAD if "weight_grad" in stages else ():
         t = _tiles.TileConfig(*cfg)
-        fn = lambda t=t: stages._weight_grad_stage(x, dy, preacts.routed, act_routed, w, metadata, t)  # noqa: E731
-        report("weight grad", cfg, fn, 6 * rows * H * I)
-    if w.has_shared:
-        fn = lambda: stages._shared_weight_grads(x, dy, preacts.shared, act_shared)  # noqa: E731
+        fn = lambda t=t: launchers._weight_grad_stage(x, dy, preacts.routed, act_routed, w, metadata, t)  # noqa: E731
+        for tma in ("off", "auto"):  # the switch is read at each launch
+            with env_set(_tma.TMA_ENV, tma):
+                report(f"weight grad, TMA {tma}", cfg, fn, 6 * rows * H * I)
+    if w.has_shared and "shared_weight_grad" in stages:
+        fn = lambda: launchers._shared_weight_grads(x, dy, preacts.shared, act_shared)  # noqa: E731
         report("shared weight grad (cuBLAS)", "-", fn, 6 * num_tokens * S * H)
 
 
@@ -105,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["seed", "deepseek-v2-lite"], choices=sorted(PRESETS))
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[2048, 8192])
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("sweep_backward.py times compiled kernels: it needs a CUDA device")
@@ -113,7 +123,7 @@ def main() -> None:
     for preset in args.presets:
         print(f"\n#### {preset}")
         for n in args.batch_sizes:
-            sweep(MoEConfig.from_preset(preset), n, ceilings.matmul_tflops)
+            sweep(MoEConfig.from_preset(preset), n, ceilings.matmul_tflops, tuple(args.stages))
 
 
 if __name__ == "__main__":

@@ -94,8 +94,8 @@ def _swiglu_bwd_kernel(
 
 @triton.jit
 def _grouped_weight_grad_kernel(
-    a_ptr,  # (T*K, P) left operand, expert-sorted rows
-    b_ptr,  # (T*K, Q) right operand, expert-sorted rows
+    a_ptr,  # (T*K, P) left operand, expert-sorted rows; with TMA a descriptor, (BLOCK_R, BLOCK_P) boxes
+    b_ptr,  # (T*K, Q) right operand, expert-sorted rows; with TMA a descriptor, (BLOCK_R, BLOCK_Q) boxes
     out_ptr,  # (E, P, Q) out: per-expert sum over its rows of a_row^T b_row
     expert_offsets_ptr,  # (E+1,) int32
     P,
@@ -104,6 +104,7 @@ def _grouped_weight_grad_kernel(
     stride_b,
     stride_oe,
     stride_op,
+    TMA: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -116,30 +117,50 @@ def _grouped_weight_grad_kernel(
 
     Both operands are read as contiguous sorted rows. Gathering rows by token inside the loop
     (a load whose address comes from a load in the same step) ran at 35-50% of the matmul
-    ceiling on the H100 against 50-70% for the same rows pre-sorted (docs/perf-notes.md)."""
+    ceiling on the H100 against 50-70% for the same rows pre-sorted (docs/perf-notes.md). With
+    TMA, the whole steps of an expert's rows are unmasked boxes; the last, partial step reads the
+    next expert's first rows too, and zeroes them before its dot."""
     pid = tl.program_id(0)
     n_p = tl.cdiv(P, BLOCK_P)
     n_q = tl.cdiv(Q, BLOCK_Q)
     expert = pid // (n_p * n_q)
-    offs_p = ((pid // n_q) % n_p) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = (pid % n_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p0 = ((pid // n_q) % n_p) * BLOCK_P
+    q0 = (pid % n_q) * BLOCK_Q
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    offs_q = q0 + tl.arange(0, BLOCK_Q)
     p_mask = offs_p < P
     q_mask = offs_q < Q
     lo = tl.load(expert_offsets_ptr + expert)
     hi = tl.load(expert_offsets_ptr + expert + 1)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(lo, hi, BLOCK_R):
-        rows = r0 + offs_r
-        row_mask = rows < hi
-        rows = rows.to(tl.int64)
-        # A loaded transposed, (BLOCK_P, BLOCK_R): the reduction runs over rows.
-        a_mask = row_mask[None, :] & p_mask[:, None]
-        a = tl.load(a_ptr + rows[None, :] * stride_a + offs_p[:, None], mask=a_mask, other=0.0)
-        b_mask = row_mask[:, None] & q_mask[None, :]
-        b = tl.load(b_ptr + rows[:, None] * stride_b + offs_q[None, :], mask=b_mask, other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if TMA:  # columns past P or Q and rows past T*K come back as zeros
+        whole_end = lo + (hi - lo) // BLOCK_R * BLOCK_R
+        for r0 in range(lo, whole_end, BLOCK_R):
+            a = a_ptr.load([r0, p0])
+            b = b_ptr.load([r0, q0])
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a.T, b, acc, input_precision=DOT_PRECISION)
+        if whole_end < hi:
+            own = (whole_end + offs_r < hi)[:, None]
+            a = tl.where(own, a_ptr.load([whole_end, p0]), 0.0)
+            b = tl.where(own, b_ptr.load([whole_end, q0]), 0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a.T, b, acc, input_precision=DOT_PRECISION)
+    else:
+        for r0 in range(lo, hi, BLOCK_R):
+            rows = r0 + offs_r
+            row_mask = rows < hi
+            rows = rows.to(tl.int64)
+            # A loaded transposed, (BLOCK_P, BLOCK_R): the reduction runs over rows.
+            a_mask = row_mask[None, :] & p_mask[:, None]
+            a = tl.load(a_ptr + rows[None, :] * stride_a + offs_p[:, None], mask=a_mask, other=0.0)
+            b_mask = row_mask[:, None] & q_mask[None, :]
+            b = tl.load(b_ptr + rows[:, None] * stride_b + offs_q[None, :], mask=b_mask, other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + offs_p.to(tl.int64)[:, None] * stride_op + offs_q[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & q_mask[None, :])

@@ -188,11 +188,35 @@ class BackwardTiles:
     swiglu: ElementwiseTiles  # the SwiGLU backward over whole rows
     dx: TileConfig  # (routed tile, H columns); same block_m
     weight_grad: TileConfig
+    weight_grad_tma: bool  # weight gradients read through TMA boxes where the card and layout allow
     source: str
 
 
-# Mean rows per expert up to which the weight gradients take the short-expert tile (below).
+# Mean rows per expert up to which the weight gradients take the short-expert tile (below), and
+# from which, with TMA, the long-expert one.
 SHORT_EXPERT_ROWS = 512
+LONG_EXPERT_ROWS = 1024
+
+
+def _weight_grad_tiles(itemsize: int, rows_per_expert: float | None, tma: bool) -> tuple[TileConfig, bool]:
+    """Measured on the H100 (docs/perf-notes.md, backward v3 and "Weight gradients through TMA").
+    Without TMA: 128 x 128 tiles; experts with few rows (up to 512 each: seed and v2-lite at
+    N <= 2048, a few reduction steps per output tile) do 10-30% better with a 32-row step, 4
+    warps and 4 stages, from 768 rows on the 8-warp tile with a 64-row step is faster. With TMA,
+    short experts keep pointer loads: their last, partial step is a box the kernel masks in
+    registers outside the pipelined loop, which cost 4-27% there; from 768 rows TMA wins by
+    8-24%, the short-expert tile best up to 1024 rows and 128 x 256 from there. fp32 operands
+    keep their measured fit (half the 64-row step: shared memory is the limit)."""
+    rows = math.inf if rows_per_expert is None else rows_per_expert
+    if itemsize > 2:
+        return TileConfig(128, 128, 32, 8, 3), False
+    if rows <= SHORT_EXPERT_ROWS:
+        return TileConfig(128, 128, 32, 4, 4), False
+    if not tma:
+        return TileConfig(128, 128, 64, 8, 3), False
+    if rows < LONG_EXPERT_ROWS:
+        return TileConfig(128, 128, 32, 4, 4), True
+    return TileConfig(128, 256, 32, 8, 4), True
 
 
 def backward_tiles(
@@ -202,27 +226,25 @@ def backward_tiles(
     interpret: bool,
     itemsize: int = 2,
     rows_per_expert: float | None = None,  # mean routed rows per expert; None: many
+    tma: bool = False,  # whether the card and Triton can read TMA boxes (_tma.tma_enabled)
 ) -> BackwardTiles:
     """dY W_down and dX are row-tiled GEMMs (the forward's down-stage shape, dX with two dots per
-    step); the weight gradients are plain GEMMs over each expert's sorted rows. Measured on the
-    H100 (docs/perf-notes.md, backward v1-v3): wide tiles with a short k step, 128 x 128 weight
-    tiles. Experts with few rows (up to 512 each: seed at N <= 2048, v2-lite at N <= 2048, a few
-    reduction steps per output tile) do 10-30% better with a 32-row step, 4 warps and 4 stages;
-    from 768 rows on the 8-warp tile with a 64-row step is faster. fp32 operands (itemsize 4)
-    take half the pipeline stages: shared memory is the limit."""
+    step); the weight gradients are plain GEMMs over each expert's sorted rows
+    (`_weight_grad_tiles`). Measured on the H100 (docs/perf-notes.md, backward v1-v3): wide
+    tiles with a short k step. fp32 operands (itemsize 4) take half the pipeline stages: shared
+    memory is the limit."""
     if interpret:  # the forward's interpreter tiles: dY W_down has stage 1's shape, dX stage 2's
         tiles = heuristic_tiles(block_m, hidden_dim, inner_dim, interpret)
         swiglu = ElementwiseTiles(16, _pow2_clamp(inner_dim, 16, 64), 4)
-        return BackwardTiles(tiles.gate_up, swiglu, tiles.down, TileConfig(16, 16, 16, 4, 1), tiles.source)
+        # TMA on whatever the rows: the CPU tier runs the TMA weight gradients' masked last step.
+        return BackwardTiles(tiles.gate_up, swiglu, tiles.down, TileConfig(16, 16, 16, 4, 1), tma, tiles.source)
     warps = 8 if block_m >= 128 else 4
     wide = itemsize <= 2
     block_n = 256 if block_m >= 128 and wide else 128
     down_grad = TileConfig(block_m, block_n, 64 if wide else 32, warps, 3)
     dx = TileConfig(block_m, block_n, 32, warps, 4 if wide else 3)
-    weight_grad = TileConfig(128, 128, 64 if wide else 32, 8, 3)
-    if wide and rows_per_expert is not None and rows_per_expert <= SHORT_EXPERT_ROWS:
-        weight_grad = TileConfig(128, 128, 32, 4, 4)
-    tiles = BackwardTiles(down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, "heuristic")
+    weight_grad, weight_grad_tma = _weight_grad_tiles(itemsize, rows_per_expert, tma)
+    tiles = BackwardTiles(down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, weight_grad_tma, "heuristic")
     spec = _force_spec()
     if spec:  # the forward's override, for the two row-tiled GEMMs
         tiles = replace(

@@ -1,12 +1,14 @@
-"""Weight tiles through Hopper's tensor-memory accelerator (TMA): when the expert kernels may read
-them that way, and the host-side descriptors they read them through.
+"""Tiles through Hopper's tensor-memory accelerator (TMA): when the expert kernels may read them
+that way, and the host-side descriptors they read them through.
 
-Only the weights go through TMA: their tiles are plain boxes of a 2-D matrix, while the kernels'
-activation rows are gathered by the routing (one row per token), which TMA cannot do on Hopper.
-A descriptor covers every expert's rows at once, (E * rows, cols); a tile near the end of one
-expert's rows reads the next expert's first rows into output columns that the kernels mask at the
-store, and reads past the matrix's end come back as zeros. The reduction runs along the inner
-(contiguous) dimension, whose bound is the descriptor's own, so no neighbour enters a sum.
+What goes through TMA are plain boxes of a 2-D matrix: the weights, and the backward's
+expert-sorted rows that the weight-gradient GEMMs reduce over. The forward's activation rows are
+gathered by the routing (one row per token), which TMA cannot do on Hopper. A weight descriptor
+covers every expert's rows at once, (E * rows, cols); a tile near the end of one expert's rows
+reads the next expert's first rows into output columns that the kernels mask at the store, and
+reads past the matrix's end come back as zeros. The weights' reduction runs along the inner
+(contiguous) dimension, whose bound is the descriptor's own, so no neighbour enters a sum; the
+weight gradients reduce along rows, and mask the one box per expert that crosses its last row.
 """
 
 from __future__ import annotations
@@ -71,13 +73,18 @@ def descriptor(matrix: torch.Tensor, block_rows: int, block_cols: int):
     return _descriptor_class().from_tensor(matrix, [block_rows, block_cols])
 
 
-def weight_descriptors(device: torch.device, weights: list[torch.Tensor], block_rows: int, block_cols: int):
-    """Descriptors for (block_rows, block_cols) tiles of each of `weights`, each taken as one matrix
-    of all its rows; None where TMA is off for `device` or any weight or the box breaks its rules
-    (the kernels then load every weight through pointers)."""
-    if not tma_enabled(device) or max(block_rows, block_cols) > _MAX_BOX:
+def descriptors_for(device: torch.device, boxes: list[tuple[torch.Tensor, int, int]]):
+    """A descriptor for each (tensor, block_rows, block_cols), the tensor taken as one matrix of all
+    its rows; None where TMA is off for `device` or any tensor or box breaks its rules (the
+    kernels then load every operand of the launch through pointers)."""
+    if not tma_enabled(device) or any(max(rows, cols) > _MAX_BOX for _, rows, cols in boxes):
         return None
-    matrices = [rows_of(w) for w in weights]
+    matrices = [rows_of(t) for t, _, _ in boxes]
     if any(m is None for m in matrices):
         return None
-    return [descriptor(m, block_rows, block_cols) for m in matrices]
+    return [descriptor(m, rows, cols) for m, (_, rows, cols) in zip(matrices, boxes, strict=True)]
+
+
+def weight_descriptors(device: torch.device, weights: list[torch.Tensor], block_rows: int, block_cols: int):
+    """`descriptors_for` with one box shape for all `weights`."""
+    return descriptors_for(device, [(w, block_rows, block_cols) for w in weights])

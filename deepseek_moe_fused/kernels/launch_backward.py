@@ -21,19 +21,26 @@ import triton
 
 from .._interpret import interpreter_active
 from ..routing_metadata import RoutingMetadata
-from . import _tiles
+from . import _tiles, _tma
 from ._alloc import new_output
 from ._backward import _grouped_weight_grad_kernel, _swiglu_bwd_kernel
 from .launch import ExpertWeights, PreActivations, RowsMatmul, _kernel_flags, combine, launch_rows_matmul
 
 
-def _grouped_weight_grad(a, b, out, metadata, tiles):
-    """out[e] = a_e^T b_e over each expert's sorted rows of `a` and `b`."""
+def grouped_weight_grad(a, b, out, expert_offsets, tiles: _tiles.TileConfig, tma: bool = True):
+    """out[e] = a_e^T b_e over each expert's sorted rows of `a` and `b` (rows
+    expert_offsets[e] to expert_offsets[e + 1]); tiles: (block_m, block_n) output tile, block_k
+    rows per step. `tma`: read the operands through TMA boxes where the card and layout allow."""
     E, P, Q = out.shape
     grid = (E * triton.cdiv(P, tiles.block_m) * triton.cdiv(Q, tiles.block_n),)
+    operands = (a, b)
+    boxes = [(a, tiles.block_k, tiles.block_m), (b, tiles.block_k, tiles.block_n)]
+    descriptors = _tma.descriptors_for(a.device, boxes) if tma else None
+    if descriptors is not None:
+        operands = tuple(descriptors)
     _grouped_weight_grad_kernel[grid](
-        a, b, out, metadata.expert_offsets,
-        P, Q, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
+        *operands, out, expert_offsets,
+        P, Q, a.stride(0), b.stride(0), out.stride(0), out.stride(1), TMA=descriptors is not None,
         BLOCK_P=tiles.block_m, BLOCK_Q=tiles.block_n, BLOCK_R=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_kernel_flags(a.dtype),
     )  # fmt: skip
@@ -103,7 +110,15 @@ def _release(t: torch.Tensor) -> None:
 
 
 def _weight_grad_stage(
-    x, dy, dgu, act_routed, weights: ExpertWeights, metadata, tiles: _tiles.TileConfig, consume: bool = False
+    x,
+    dy,
+    dgu,
+    act_routed,
+    weights: ExpertWeights,
+    metadata,
+    tiles: _tiles.TileConfig,
+    tma: bool = True,
+    consume: bool = False,
 ):
     """d gate_up[e] = dGU_e^T X_e; d down[e] = dY_e^T (w act)_e. `consume`: release dGU's memory
     once read, before d down is allocated (the layer's backward owns it; timing tools reuse it).
@@ -115,13 +130,13 @@ def _weight_grad_stage(
     tokens = metadata.sorted_slot // metadata.top_k
     sorted_rows = new_output(x, (metadata.num_rows, x.shape[1]))
     torch.index_select(x, 0, tokens, out=sorted_rows)
-    _grouped_weight_grad(dgu, sorted_rows, d_gate_up, metadata, tiles)
+    grouped_weight_grad(dgu, sorted_rows, d_gate_up, metadata.expert_offsets, tiles, tma)
     if consume:
         _release(dgu)
     d_down = new_output(weights.down_proj, weights.down_proj.shape)  # after the release: not beside dGU
     # Same buffer: the stream runs the GEMM above before this overwrites its operand.
     torch.index_select(dy, 0, tokens, out=sorted_rows)
-    _grouped_weight_grad(sorted_rows, act_routed, d_down, metadata, tiles)
+    grouped_weight_grad(sorted_rows, act_routed, d_down, metadata.expert_offsets, tiles, tma)
     return d_gate_up, d_down
 
 
@@ -157,8 +172,9 @@ def moe_experts_backward(
         inner = max(weights.intermediate_dim, weights.shared_dim)
         rows_per_expert = metadata.num_rows / max(weights.num_experts, 1)
         tiles = _tiles.backward_tiles(
-            metadata.block_m, H, inner, interpreter_active(), x.element_size(), rows_per_expert
-        )
+            metadata.block_m, H, inner, interpreter_active(), x.element_size(), rows_per_expert,
+            _tma.tma_enabled(x.device),
+        )  # fmt: skip
     act_routed, act_shared = _down_grad_stage(dy, weights, metadata, tiles.down_grad)
     d_topk = _swiglu_backward_stage(act_routed, act_shared, flat_weights, metadata, preacts, tiles.swiglu)
     dx_slot, dx_shared = _dx_stage(T, preacts, weights, metadata, tiles.dx)
@@ -171,6 +187,6 @@ def moe_experts_backward(
         _release(preacts.shared)
     del act_shared
     d_gate_up, d_down = _weight_grad_stage(
-        x, dy, preacts.routed, act_routed, weights, metadata, tiles.weight_grad, consume=True
+        x, dy, preacts.routed, act_routed, weights, metadata, tiles.weight_grad, tiles.weight_grad_tma, consume=True
     )
     return (dx, d_topk.view(topk_weights.shape).to(topk_weights.dtype), d_gate_up, d_down, *shared_grads)
