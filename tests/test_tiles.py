@@ -129,7 +129,8 @@ def test_short_experts_get_the_short_weight_gradient_tile(monkeypatch):
     ("rows_per_expert", "itemsize", "tile", "tma"),
     [
         (192, 2, (128, 128, 32, 4, 4), False),  # v2-lite N=2048: the masked last box costs more than TMA gains
-        (512, 2, (128, 128, 32, 4, 4), False),  # seed N=2048: the edge of "short"
+        (384, 2, (128, 128, 16, 4, 6), True),  # v2-lite N=4096
+        (512, 2, (128, 128, 16, 4, 6), True),  # seed N=2048: the edge of "short"
         (768, 2, (128, 128, 32, 4, 4), True),  # v2-lite N=8192
         (1536, 2, (128, 256, 32, 8, 4), True),  # v2-lite N=16384
         (None, 2, (128, 256, 32, 8, 4), True),  # unknown: many rows

@@ -192,8 +192,10 @@ class BackwardTiles:
     source: str
 
 
-# Mean rows per expert up to which the weight gradients take the short-expert tile (below), and
-# from which, with TMA, the long-expert one.
+# Mean rows per expert: up to SHORT_EXPERT_ROWS the weight gradients take the short-expert tiles;
+# up to POINTER_ROWS they keep pointer loads even where TMA is on; from LONG_EXPERT_ROWS, with TMA,
+# the long-expert tile.
+POINTER_ROWS = 256
 SHORT_EXPERT_ROWS = 512
 LONG_EXPERT_ROWS = 1024
 
@@ -202,18 +204,21 @@ def _weight_grad_tiles(itemsize: int, rows_per_expert: float | None, tma: bool) 
     """Measured on the H100 (docs/perf-notes.md, backward v3 and "Weight gradients through TMA").
     Without TMA: 128 x 128 tiles; experts with few rows (up to 512 each: seed and v2-lite at
     N <= 2048, a few reduction steps per output tile) do 10-30% better with a 32-row step, 4
-    warps and 4 stages, from 768 rows on the 8-warp tile with a 64-row step is faster. With TMA,
-    short experts keep pointer loads: their last, partial step is a box the kernel masks in
-    registers outside the pipelined loop, which cost 4-27% there; from 768 rows TMA wins by
-    8-24%, the short-expert tile best up to 1024 rows and 128 x 256 from there. fp32 operands
-    keep their measured fit (half the 64-row step: shared memory is the limit)."""
+    warps and 4 stages, from 768 rows on the 8-warp tile with a 64-row step is faster. With TMA:
+    the shortest experts (48-192 rows measured) keep pointer loads, since their last, partial
+    step is a box the kernel masks in registers outside the pipelined loop, which cost up to 27%
+    there; at 384-512 rows TMA with a 16-row step and 6 stages is 7-13% faster than pointers, from
+    768 rows TMA wins by 8-24% with the short-expert tile, and from 1024 rows with 128 x 256.
+    fp32 operands keep their measured fit (half the 64-row step: shared memory is the limit)."""
     rows = math.inf if rows_per_expert is None else rows_per_expert
     if itemsize > 2:
         return TileConfig(128, 128, 32, 8, 3), False
-    if rows <= SHORT_EXPERT_ROWS:
+    if rows <= POINTER_ROWS or (rows <= SHORT_EXPERT_ROWS and not tma):
         return TileConfig(128, 128, 32, 4, 4), False
     if not tma:
         return TileConfig(128, 128, 64, 8, 3), False
+    if rows <= SHORT_EXPERT_ROWS:
+        return TileConfig(128, 128, 16, 4, 6), True
     if rows < LONG_EXPERT_ROWS:
         return TileConfig(128, 128, 32, 4, 4), True
     return TileConfig(128, 256, 32, 8, 4), True
