@@ -38,6 +38,7 @@ WEIGHT_GRAD = [
     (64, 256, 32, 4, 4),
     (128, 128, 64, 8, 4),
     (128, 256, 64, 8, 4),
+    (128, 128, 16, 4, 6),
 ]
 STAGES = ("down_grad", "swiglu", "dx", "weight_grad", "shared_weight_grad")
 

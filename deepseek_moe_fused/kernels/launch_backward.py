@@ -10,8 +10,9 @@ in X's dtype; then, in the memory dX's slots held, X and dY gathered into sorted
 weight gradients (T*K, H). Each buffer is released after its last read, the saved
 pre-activations included, so the gradients allocated last do not add to them. Launches: dY W_down
 (routed + shared), the SwiGLU backward (elementwise), dX (routed + shared) and its combine, two
-gathers and two grouped weight-gradient GEMMs; the shared MLP's weight gradients are dense GEMMs
-(cuBLAS).
+gathers and two grouped weight-gradient GEMMs (their sorted rows read as TMA boxes where experts
+have enough rows: kernels/_tiles.py `_weight_grad_tiles`); the shared MLP's weight gradients are
+dense GEMMs (cuBLAS).
 """
 
 from __future__ import annotations
