@@ -79,8 +79,9 @@ def routing_weights_of(router_logits: torch.Tensor, topk_ids: torch.Tensor, conf
 
 
 class TritonRouterFunction(torch.autograd.Function):
-    """Autograd boundary around the router kernels. Backward in PyTorch (fp32): through the routing
-    weights and the returned logits to the logits, then to x and the router weight."""
+    """Autograd boundary around the router kernels. Backward in Triton (kernels/_router_backward.py,
+    fp32): through the routing weights and the returned logits to the logits, then to x and the
+    router weight; `routing_weights_of` is its PyTorch statement."""
 
     @staticmethod
     def forward(ctx, x, weight, e_score_correction_bias, config):
@@ -94,15 +95,13 @@ class TritonRouterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logits, grad_weights, _grad_ids):
+        from .kernels.launch_router import router_backward
+
         x, weight, logits, topk_ids = ctx.saved_tensors
         # autograd passes zeros for an output without a gradient (materialized grads): no None here.
-        with torch.enable_grad():
-            leaf = logits.detach().requires_grad_()
-            (from_weights,) = torch.autograd.grad(routing_weights_of(leaf, topk_ids, ctx.config), leaf, grad_weights)
-        grad = grad_logits + from_weights
-        # As autograd through transformers' fp32 linear: fp32 products, cast back to each input's dtype.
-        dx = (grad @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dweight = (grad.T @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dx, dweight = router_backward(
+            x, weight, logits, topk_ids, grad_logits, grad_weights, ctx.config, *ctx.needs_input_grad[:2]
+        )
         return dx, dweight, None, None
 
 

@@ -13,6 +13,7 @@ from .._interpret import interpreter_active
 from ..config import MoEConfig
 from ._alloc import new_output
 from ._router import _router_logits_kernel, _router_select_kernel
+from ._router_backward import _router_bwd_rows_kernel, _router_bwd_weight_kernel
 
 # Every expert's logits of a token tile fit one program's registers up to this many (padded to a
 # power of two) experts: then the selection can run in the GEMM's epilogue, one launch.
@@ -121,3 +122,53 @@ def route_tokens(
             **rule, BLOCK_T=block_rows, BLOCK_E=all_experts, num_warps=4,
         )  # fmt: skip
     return logits, topk_weights, topk_ids
+
+
+def router_backward(
+    x: torch.Tensor,  # (T, H): the forward's
+    weight: torch.Tensor,  # (E, H)
+    logits: torch.Tensor,  # (T, E) fp32: the forward's
+    topk_ids: torch.Tensor,  # (T, K) int64: the forward's
+    grad_logits: torch.Tensor,  # (T, E): gradient of the returned logits
+    grad_weights: torch.Tensor,  # (T, K): gradient of the routing weights
+    config: MoEConfig,
+    need_dx: bool = True,
+    need_dweight: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx in x's dtype, d weight in weight's dtype), None where not needed: the logits' gradient
+    (its own plus the routing weights' through the scores) times the weight and x, in fp32."""
+    T, H = x.shape
+    E, K = config.num_experts, config.top_k
+    grad = new_output(x, (T, E), torch.float32)
+    dx = new_output(x, (T, H)) if need_dx else None
+    if T == 0:
+        return dx, torch.zeros_like(weight) if need_dweight else None
+    sms = _num_sms(x.device)
+    block_e = max(16, triton.next_power_of_2(E))
+    block_t = 16
+    block_h = max(16, min(64, 4096 // block_e))  # a (block_e, block_h) fp32 weight tile per dot
+    t_tiles = triton.cdiv(T, block_t)
+    # H chunks per token tile until the programs fill two waves (each recomputes its tiles' grad).
+    chunks = min(triton.cdiv(H, block_h), max(1, triton.cdiv(2 * sms, t_tiles))) if need_dx else 1
+    h_per_program = triton.cdiv(triton.cdiv(H, chunks), block_h) * block_h
+    dx_arg = dx if need_dx else grad  # unread without DX
+    _router_bwd_rows_kernel[(t_tiles, triton.cdiv(H, h_per_program))](
+        logits, grad_logits.float().contiguous(), grad_weights.float().contiguous(), topk_ids, weight, grad, dx_arg,
+        T, E, K, H, h_per_program, weight.stride(0), dx_arg.stride(0), float(config.routed_scaling_factor),
+        SIGMOID=config.scoring_func == "sigmoid", NORM=config.norm_topk_prob, DX=need_dx,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=4 if block_e <= 256 else 8,
+    )  # fmt: skip
+    if not need_dweight:
+        return dx, None
+    w_block_e, w_block_h, w_block_t = min(64, block_e), 64, 32
+    tiles = triton.cdiv(H, w_block_h) * triton.cdiv(E, w_block_e)
+    # Splits of the token sum until the programs fill two waves; added in order below.
+    splits = min(triton.cdiv(T, w_block_t), max(1, triton.cdiv(2 * sms, tiles)))
+    rows_per_split = triton.cdiv(triton.cdiv(T, splits), w_block_t) * w_block_t
+    splits = triton.cdiv(T, rows_per_split)
+    partial = new_output(x, (splits, E, H), torch.float32)
+    _router_bwd_weight_kernel[(triton.cdiv(H, w_block_h), triton.cdiv(E, w_block_e), splits)](
+        grad, x, partial, T, E, H, x.stride(0), rows_per_split,
+        BLOCK_T=w_block_t, BLOCK_E=w_block_e, BLOCK_H=w_block_h, num_warps=4,
+    )  # fmt: skip
+    return dx, partial.sum(dim=0).to(weight.dtype)
