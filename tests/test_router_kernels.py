@@ -145,6 +145,37 @@ def test_gradients_match_float64_autograd(device, config, T, seed):
         assert diff <= bound, f"{name}: |diff| {diff:.3e} > {bound:.3e}"
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        MoEConfig(hidden_dim=48, intermediate_dim=16, num_experts=8, top_k=2, scoring_func="sigmoid",
+                  topk_method="noaux_tc", norm_topk_prob=True, dtype=torch.float32),  # sigmoid, renormalised
+        MoEConfig(hidden_dim=48, intermediate_dim=16, num_experts=12, top_k=3, n_group=4, topk_group=2,
+                  scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
+                  dtype=torch.float32),  # grouped softmax, no renormalisation
+    ],
+)  # fmt: skip
+def test_backward_is_deterministic_and_each_gradient_stands_alone(device, config):
+    """150 tokens: the weight gradient sums several token splits (added in a fixed order), so two
+    runs must agree bit for bit; with x frozen the kernel skips dx, and the weight gradient must
+    not change."""
+    router = DeepSeekRouter(config, device=device)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(150, config.hidden_dim, generator=g).to(device)
+    upstream = [torch.randn(150, n, generator=g).to(device) for n in (config.num_experts, config.top_k)]
+
+    def grads(x_requires_grad: bool):
+        router.weight.grad = None
+        leaf = x.clone().requires_grad_(x_requires_grad)
+        logits, weights, _ = router(leaf)
+        torch.autograd.backward((logits, weights), upstream)
+        return leaf.grad, router.weight.grad.clone()
+
+    (dx1, dw1), (dx2, dw2), (dx_frozen, dw_frozen) = grads(True), grads(True), grads(False)
+    assert torch.equal(dx1, dx2) and torch.equal(dw1, dw2)
+    assert dx_frozen is None and torch.equal(dw_frozen, dw1)
+
+
 def test_bias_cast_to_a_16bit_dtype_counts_as_its_fp32_value(device):
     """A model cast with .to(torch.bfloat16) casts the bias buffer too; transformers adds it to
     fp32 scores, so the router must use its exact value, not reject it."""
