@@ -72,16 +72,10 @@ def _weights_at(scores: torch.Tensor, topk_ids: torch.Tensor, config: MoEConfig)
     return weights * config.routed_scaling_factor
 
 
-def routing_weights_of(router_logits: torch.Tensor, topk_ids: torch.Tensor, config: MoEConfig) -> torch.Tensor:
-    """(T, K) fp32 routing weights of the chosen experts as a differentiable function of the logits:
-    the backward of the Triton router (the choice itself carries no gradient)."""
-    return _weights_at(_weight_scores(router_logits, config), topk_ids, config)
-
-
 class TritonRouterFunction(torch.autograd.Function):
     """Autograd boundary around the router kernels. Backward in Triton (kernels/_router_backward.py,
     fp32): through the routing weights and the returned logits to the logits, then to x and the
-    router weight; `routing_weights_of` is its PyTorch statement."""
+    router weight; `_weights_at(_weight_scores(logits))` is the function it differentiates."""
 
     @staticmethod
     def forward(ctx, x, weight, e_score_correction_bias, config):

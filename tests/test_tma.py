@@ -53,6 +53,15 @@ def test_switch_turns_tma_off(device, monkeypatch):
         _tma.tma_enabled(device)
 
 
+@pytest.fixture
+def built_descriptors(monkeypatch) -> list:
+    """The arguments of every TMA descriptor built while the test runs."""
+    built = []
+    make_descriptor = _tma.descriptor
+    monkeypatch.setattr(_tma, "descriptor", lambda *args: built.append(args) or make_descriptor(*args))
+    return built
+
+
 @pytest.mark.parametrize("tma", ["auto", "off"])
 @pytest.mark.parametrize(
     ("experts", "top_k", "hidden", "inner", "n_shared", "tokens"),
@@ -62,10 +71,9 @@ def test_switch_turns_tma_off(device, monkeypatch):
         (5, 2, 48, 32, 1, 1),  # decode: one token
     ],
 )
-def test_both_weight_load_paths_match_oracle(device, monkeypatch, tma, experts, top_k, hidden, inner, n_shared, tokens):
-    descriptors = []
-    make_descriptor = _tma.descriptor
-    monkeypatch.setattr(_tma, "descriptor", lambda *args: descriptors.append(args) or make_descriptor(*args))
+def test_both_weight_load_paths_match_oracle(
+    device, built_descriptors, tma, experts, top_k, hidden, inner, n_shared, tokens
+):
     dtype = torch.float16
     config = MoEConfig(hidden, inner, experts, top_k, n_shared_experts=n_shared, dtype=dtype)
     inputs = make_moe_inputs(config, tokens, seed=tokens, device=device)
@@ -73,16 +81,13 @@ def test_both_weight_load_paths_match_oracle(device, monkeypatch, tma, experts, 
         out = fused_moe_experts(*inputs.kernel_args())
         tma_here = _tma.tma_enabled(device)
     # Both stages take descriptors wherever TMA is on: the aligned shapes above all qualify.
-    assert bool(descriptors) == (tma == "auto" and tma_here)
+    assert bool(built_descriptors) == (tma == "auto" and tma_here)
     stats = error_stats(out, oracle_moe_experts(*inputs.kernel_args()))
     assert stats.within(TOLERANCES[dtype]), stats
 
 
 @pytest.mark.parametrize("tma", ["auto", "off"])
-def test_both_weight_gradient_load_paths_match_oracle(device, monkeypatch, tma):
-    descriptors = []
-    make_descriptor = _tma.descriptor
-    monkeypatch.setattr(_tma, "descriptor", lambda *args: descriptors.append(args) or make_descriptor(*args))
+def test_both_weight_gradient_load_paths_match_oracle(device, built_descriptors, tma):
     # Rows per expert against the 16-row step: none; exactly one step; one step and a row (the
     # tail box reaches into the next expert's rows, which must not enter the sum); less than one
     # step; several steps and a tail that runs past the last row of the matrix.
@@ -95,7 +100,7 @@ def test_both_weight_gradient_load_paths_match_oracle(device, monkeypatch, tma):
         out = new_output(a, (len(counts), P, Q))
         grouped_weight_grad(a, b, out, offsets, TileConfig(16, 16, 16, 4, 1))
         tma_here = _tma.tma_enabled(device)
-    assert len(descriptors) == (2 if tma == "auto" and tma_here else 0)
+    assert len(built_descriptors) == (2 if tma == "auto" and tma_here else 0)
     bounds = offsets.tolist()
     want = torch.stack([a[lo:hi].double().T @ b[lo:hi].double() for lo, hi in itertools.pairwise(bounds)])
     stats = error_stats(out, want)

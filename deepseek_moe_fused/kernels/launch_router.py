@@ -25,6 +25,11 @@ MAX_EXPERTS = 1024
 MIN_H_PER_SPLIT = 256
 
 
+def _expert_block(num_experts: int) -> int:
+    """Every expert's column in one tile: the next power of two, at least a dot's 16."""
+    return max(16, triton.next_power_of_2(num_experts))
+
+
 class RouterTiles(NamedTuple):
     block_t: int  # tokens per GEMM program
     block_e: int  # experts per GEMM program
@@ -36,7 +41,7 @@ class RouterTiles(NamedTuple):
 def router_tiles(num_tokens: int, num_experts: int, hidden_dim: int, num_sms: int) -> RouterTiles:
     """Tiles by shape: H split until the programs fill two waves; one launch when no split is
     needed and every expert fits one tile."""
-    all_experts = max(16, triton.next_power_of_2(num_experts))
+    all_experts = _expert_block(num_experts)
     block_t = min(64, max(16, triton.next_power_of_2(num_tokens)))
     block_e = all_experts if all_experts <= MAX_EXPERTS_ONE_LAUNCH else (32 if num_tokens <= 256 else 128)
     programs = triton.cdiv(num_tokens, block_t) * triton.cdiv(num_experts, block_e)
@@ -115,7 +120,7 @@ def route_tokens(
     )  # fmt: skip
     if not tiles.one_launch:
         # Whole rows per program: few tokens per program as E grows, so the score tiles stay in registers.
-        all_experts = max(16, triton.next_power_of_2(E))
+        all_experts = _expert_block(E)
         block_rows = max(1, min(64, 2048 // all_experts))
         _router_select_kernel[(triton.cdiv(T, block_rows),)](
             partial, logits, bias, topk_weights, topk_ids, T, splits, float(config.routed_scaling_factor),
@@ -144,7 +149,7 @@ def router_backward(
     if T == 0:
         return dx, torch.zeros_like(weight) if need_dweight else None
     sms = _num_sms(x.device)
-    block_e = max(16, triton.next_power_of_2(E))
+    block_e = _expert_block(E)
     block_t = 16
     block_h = max(16, min(64, 4096 // block_e))  # a (block_e, block_h) fp32 weight tile per dot
     t_tiles = triton.cdiv(T, block_t)
