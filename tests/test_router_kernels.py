@@ -8,7 +8,7 @@ from strategies import TOKENS, moe_configs, seeds
 
 from deepseek_moe_fused import MoEConfig
 from deepseek_moe_fused.kernels._alloc import poisoned_outputs
-from deepseek_moe_fused.kernels.launch_router import MAX_EXPERTS, RouterTiles, route_tokens
+from deepseek_moe_fused.kernels.launch_router import MAX_EXPERTS, RouterTiles, route_tokens, router_backward
 from deepseek_moe_fused.reference import oracle_select_experts, oracle_topk_weights
 from deepseek_moe_fused.router import ROUTER_ENV, DeepSeekRouter
 
@@ -143,6 +143,40 @@ def test_gradients_match_float64_autograd(device, config, T, seed):
         # floor covers a gradient that cancels to zero (norm_topk_prob with top_k=1).
         bound = 1e-5 * float(want.norm()) + 1e-6 * float(grad_logits.norm() + grad_weights.norm())
         assert diff <= bound, f"{name}: |diff| {diff:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize(
+    "x_dtype, weight_dtype",
+    [
+        (torch.float32, torch.bfloat16),  # dx in fp32 from a bf16 weight: the dx GEMM's split products
+        (torch.bfloat16, torch.float32),  # d weight in fp32 from bf16 x: the weight GEMM's split products
+    ],
+)
+@pytest.mark.parametrize("num_experts", [8, 64])  # the seed's E; v2-lite's, where the GEMMs cost most
+def test_bf16_operand_gradients_keep_fp32_accuracy(device, x_dtype, weight_dtype, num_experts):
+    """With a bf16 operand the backward GEMMs split the fp32 logits' gradient into three bf16
+    terms (on a GPU); the gradient that comes out in fp32 must still match float64 to fp32's
+    1e-5, where one bf16 term alone would be ~2e-3 off. The interpreter takes fp32 products."""
+    config = MoEConfig(hidden_dim=256, intermediate_dim=16, num_experts=num_experts, top_k=4, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(200, 256, generator=g).to(device=device, dtype=x_dtype)
+    weight = (torch.randn(num_experts, 256, generator=g) * 0.1).to(device=device, dtype=weight_dtype)
+    logits, _, ids = route_tokens(x, weight, None, config)
+    grad_logits = torch.randn(logits.shape, generator=g).to(device)
+    grad_weights = torch.randn(ids.shape, generator=g).to(device)
+    with poisoned_outputs():
+        dx, dweight = router_backward(x, weight, logits, ids, grad_logits, grad_weights, config)
+    x64 = x.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    logits64 = x64 @ w64.T
+    torch.autograd.backward(
+        (logits64, oracle_topk_weights(logits64, ids, config)), (grad_logits.double(), grad_weights.double())
+    )
+    fp32_side = ("x", dx, x64.grad) if x_dtype == torch.float32 else ("weight", dweight, w64.grad)
+    name, got, want = fp32_side
+    diff = float((got.double() - want).norm())
+    bound = 1e-5 * float(want.norm())
+    assert diff <= bound, f"{name}: |diff| {diff:.3e} > {bound:.3e}"
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,28 @@
 """Backward of the Triton router (router.py's TritonRouterFunction): the routing weights' gradient
 back to the logits, then to x and the router weight, all in fp32 as autograd through
-transformers' fp32 linear computes them (true fp32 products: `ieee` dots)."""
+transformers' fp32 linear computes them (products accurate to fp32: `_fp32_dot`)."""
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _fp32_dot(a, b, acc, SPLIT_A: tl.constexpr):
+    """acc + a @ b for fp32 `a`, with products as accurate as fp32's. SPLIT_A (b is bf16): `a`
+    as the sum of three bf16 terms (8 + 8 + 8 significand bits, all 24 of fp32's), each product
+    with b exact in fp32, on the tensor cores; else true fp32 products (`ieee`: FMAs on the CUDA
+    cores, which bound both GEMMs at E=64 on the H100, docs/perf-notes.md)."""
+    if SPLIT_A:
+        hi = a.to(tl.bfloat16)
+        rest = a - hi.to(tl.float32)  # exact: hi is a rounded to nearest
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(lo, b, acc)  # smallest terms first
+        acc = tl.dot(mid, b, acc)
+        acc = tl.dot(hi, b, acc)
+    else:
+        acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -12,7 +31,7 @@ def _router_bwd_rows_kernel(
     grad_logits_ptr,  # (T, E) fp32: gradient of the returned logits (zeros without an auxiliary loss)
     grad_weights_ptr,  # (T, K) fp32: gradient of the routing weights
     topk_ids_ptr,  # (T, K) int64: the chosen experts (distinct per token)
-    weight_ptr,  # (E, H) router weight, any float dtype (read when DX)
+    weight_ptr,  # (E, H) router weight, any float dtype (read when DX); bf16 when SPLIT
     grad_ptr,  # (T, E) fp32 out: gradient of the logits, written by the programs of H chunk 0
     dx_ptr,  # (T, H) out in x's dtype: grad @ weight (when DX)
     T,
@@ -26,6 +45,7 @@ def _router_bwd_rows_kernel(
     SIGMOID: tl.constexpr,
     NORM: tl.constexpr,
     DX: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -83,7 +103,7 @@ def _router_bwd_rows_kernel(
             w = tl.load(
                 weight_ptr + cols[:, None] * stride_w + h[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0
             )
-            dx = tl.dot(grad, w.to(tl.float32), input_precision="ieee")
+            dx = _fp32_dot(grad, w, tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32), SPLIT)
             tl.store(
                 dx_ptr + rows[:, None] * stride_dx + h[None, :],
                 dx.to(dx_ptr.dtype.element_ty),
@@ -94,13 +114,14 @@ def _router_bwd_rows_kernel(
 @triton.jit
 def _router_bwd_weight_kernel(
     grad_ptr,  # (T, E) fp32: gradient of the logits
-    x_ptr,  # (T, H) activations, any float dtype
+    x_ptr,  # (T, H) activations, any float dtype; bf16 when SPLIT
     partial_ptr,  # (splits, E, H) fp32 out: each split's share of grad^T @ x
     T,
     E,
     H,
     stride_x,
     rows_per_split,
+    SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -126,6 +147,6 @@ def _router_bwd_weight_kernel(
         xs = tl.load(
             x_ptr + rows[:, None] * stride_x + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0
         )
-        acc = tl.dot(g, xs.to(tl.float32), acc, input_precision="ieee")
+        acc = _fp32_dot(g, xs, acc, SPLIT)
     out = partial_ptr + split.to(tl.int64) * E * H + offs_e[:, None] * H + offs_h[None, :]
     tl.store(out, acc, mask=e_mask[:, None] & h_mask[None, :])

@@ -52,6 +52,30 @@ def router_tiles(num_tokens: int, num_experts: int, hidden_dim: int, num_sms: in
     return RouterTiles(block_t, block_e, split_h, one_launch=split_h == 1 and block_e >= num_experts)
 
 
+class RouterBackwardTiles(NamedTuple):
+    block_t: int  # tokens per program of the logits-gradient (and dx) kernel
+    block_h: int  # dx columns per step
+    w_block_t: int  # tokens per step of the weight-gradient kernel
+    w_block_h: int  # weight-gradient columns per program
+
+
+def router_backward_tiles(num_experts: int, split: bool) -> RouterBackwardTiles:
+    """A (block_e, block_h) weight tile per dx step, narrower as E grows. With split products
+    (bf16 on the tensor cores) wider column tiles and longer token steps: on the H100 they took
+    v2-lite's N=16384 backward from 138 to ~100 us, the seed's from 89 to ~75
+    (docs/perf-notes.md); the fp32-product tiles were kept as measured before."""
+    block_e = _expert_block(num_experts)
+    if split:
+        return RouterBackwardTiles(16, max(16, min(128, 8192 // block_e)), 64, 128)
+    return RouterBackwardTiles(16, max(16, min(64, 4096 // block_e)), 32, 64)
+
+
+def split_products(operand: torch.Tensor) -> bool:
+    """Whether the router's backward GEMMs with this 16-bit operand take `_fp32_dot`'s split
+    (bf16, on a GPU: the interpreter cannot multiply bf16) rather than true fp32 products."""
+    return operand.dtype == torch.bfloat16 and not interpreter_active()
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -139,6 +163,7 @@ def router_backward(
     config: MoEConfig,
     need_dx: bool = True,
     need_dweight: bool = True,
+    tiles: RouterBackwardTiles | None = None,  # None: router_backward_tiles' choice
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dx in x's dtype, d weight in weight's dtype), None where not needed: the logits' gradient
     (its own plus the routing weights' through the scores) times the weight and x, in fp32."""
@@ -150,8 +175,8 @@ def router_backward(
         return dx, torch.zeros_like(weight) if need_dweight else None
     sms = _num_sms(x.device)
     block_e = _expert_block(E)
-    block_t = 16
-    block_h = max(16, min(64, 4096 // block_e))  # a (block_e, block_h) fp32 weight tile per dot
+    tiles = tiles or router_backward_tiles(E, split_products(weight) and split_products(x))
+    block_t, block_h = tiles.block_t, tiles.block_h
     t_tiles = triton.cdiv(T, block_t)
     # H chunks per token tile until the programs fill two waves (each recomputes its tiles' grad).
     chunks = min(triton.cdiv(H, block_h), max(1, triton.cdiv(2 * sms, t_tiles))) if need_dx else 1
@@ -161,19 +186,20 @@ def router_backward(
         logits, grad_logits.float().contiguous(), grad_weights.float().contiguous(), topk_ids, weight, grad, dx_arg,
         T, E, K, H, h_per_program, weight.stride(0), dx_arg.stride(0), float(config.routed_scaling_factor),
         SIGMOID=config.scoring_func == "sigmoid", NORM=config.norm_topk_prob, DX=need_dx,
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=4 if block_e <= 256 else 8,
+        SPLIT=split_products(weight), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h,
+        num_warps=4 if block_e <= 256 else 8,
     )  # fmt: skip
     if not need_dweight:
         return dx, None
-    w_block_e, w_block_h, w_block_t = min(64, block_e), 64, 32
-    tiles = triton.cdiv(H, w_block_h) * triton.cdiv(E, w_block_e)
+    w_block_e, w_block_h, w_block_t = min(64, block_e), tiles.w_block_h, tiles.w_block_t
+    out_tiles = triton.cdiv(H, w_block_h) * triton.cdiv(E, w_block_e)
     # Splits of the token sum until the programs fill two waves; added in order below.
-    splits = min(triton.cdiv(T, w_block_t), max(1, triton.cdiv(2 * sms, tiles)))
+    splits = min(triton.cdiv(T, w_block_t), max(1, triton.cdiv(2 * sms, out_tiles)))
     rows_per_split = triton.cdiv(triton.cdiv(T, splits), w_block_t) * w_block_t
     splits = triton.cdiv(T, rows_per_split)
     partial = new_output(x, (splits, E, H), torch.float32)
     _router_bwd_weight_kernel[(triton.cdiv(H, w_block_h), triton.cdiv(E, w_block_e), splits)](
-        grad, x, partial, T, E, H, x.stride(0), rows_per_split,
+        grad, x, partial, T, E, H, x.stride(0), rows_per_split, SPLIT=split_products(x),
         BLOCK_T=w_block_t, BLOCK_E=w_block_e, BLOCK_H=w_block_h, num_warps=4,
     )  # fmt: skip
     return dx, partial.sum(dim=0).to(weight.dtype)
