@@ -11,10 +11,10 @@ import argparse
 from dataclasses import replace
 
 import torch
-import triton.testing
+import triton
 
 from deepseek_moe_fused._env import env_set
-from deepseek_moe_fused.benchmark import make_layer, measure_ceilings
+from deepseek_moe_fused.benchmark import graph_median_ms, make_layer, measure_ceilings
 from deepseek_moe_fused.config import PRESETS, MoEConfig
 from deepseek_moe_fused.kernels import _tiles, _tma
 from deepseek_moe_fused.kernels import launch_backward as launchers
@@ -44,7 +44,9 @@ STAGES = ("down_grad", "swiglu", "dx", "weight_grad", "shared_weight_grad")
 
 
 def median_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    """Device time from CUDA-graph replays: timed eagerly, a stage of tens of microseconds reads
+    its launcher's host time instead (docs/perf-notes.md, "The router's backward on split products")."""
+    return graph_median_ms(fn)
 
 
 def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float, stages: tuple[str, ...]) -> None:
