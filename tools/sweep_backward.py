@@ -3,6 +3,7 @@ backward's tile heuristic (kernels/_tiles.py `backward_tiles`, docs/perf-notes.m
 
     python tools/sweep_backward.py --presets seed deepseek-v2-lite --batch_sizes 2048 8192
     python tools/sweep_backward.py --stages weight_grad   # one stage; weight gradients TMA on and off
+    python tools/sweep_backward.py --stages router --batch_sizes 2048 8192 16384
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from deepseek_moe_fused.config import PRESETS, MoEConfig
 from deepseek_moe_fused.kernels import _tiles, _tma
 from deepseek_moe_fused.kernels import launch_backward as launchers
 from deepseek_moe_fused.kernels.launch import moe_experts_forward, new_preactivations, routing_metadata_for
+from deepseek_moe_fused.kernels.launch_router import (
+    route_tokens,
+    router_backward,
+    router_backward_tiles,
+    split_products,
+)
 from deepseek_moe_fused.testing import make_activations
 
 # (block_n, block_k, num_warps, num_stages) of the two row-tiled GEMMs; (block_m, block_n,
@@ -40,7 +47,11 @@ WEIGHT_GRAD = [
     (128, 256, 64, 8, 4),
     (128, 128, 16, 4, 6),
 ]
-STAGES = ("down_grad", "swiglu", "dx", "weight_grad", "shared_weight_grad")
+# The router's backward: (block_t, block_h) of its logits-gradient + dx kernel and (w_block_t,
+# w_block_h) of its weight-gradient kernel (kernels/launch_router.py `router_backward_tiles`).
+ROUTER_DX = [(16, 64), (16, 128), (32, 128), (64, 64)]
+ROUTER_WEIGHT = [(32, 64), (64, 128), (32, 128), (128, 64)]
+STAGES = ("down_grad", "swiglu", "dx", "weight_grad", "shared_weight_grad", "router")
 
 
 def median_ms(fn) -> float:
@@ -80,8 +91,10 @@ def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float, stages: tupl
             rate = flops / ms / 1e9
             share = 100 * rate / matmul_tflops
             print(f"  {name} {tiles}: {ms * 1e3:7.0f} us {rate:5.0f} TF/s ({share:.0f}% of ceiling)")
-        else:
+        elif nbytes is not None:
             print(f"  {name} {tiles}: {ms * 1e3:7.0f} us {nbytes / ms / 1e9:5.2f} TB/s")
+        else:
+            print(f"  {name} {tiles}: {ms * 1e3:7.1f} us")
 
     down_grad_flops = 2 * (rows * I + num_tokens * S) * H
     for bn, bk, warps, st in DOWN_GRAD if "down_grad" in stages else ():
@@ -111,6 +124,39 @@ def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float, stages: tupl
     if w.has_shared and "shared_weight_grad" in stages:
         fn = lambda: launchers._shared_weight_grads(x, dy, preacts.shared, act_shared)  # noqa: E731
         report("shared weight grad (cuBLAS)", "-", fn, 6 * num_tokens * S * H)
+    if "router" in stages:
+        sweep_router_backward(layer, x, report)
+
+
+def sweep_router_backward(layer, x, report) -> None:
+    """Each router-backward kernel with candidate tiles: dx's (without the weight gradient), then
+    the weight gradient's (with the logits-gradient kernel, without dx)."""
+    config, weight = layer.config, layer.gate.weight.detach()
+    logits, routing_weights, ids = route_tokens(x, weight, layer.gate.e_score_correction_bias, config)
+    grad_logits = torch.zeros_like(logits)  # no auxiliary loss reads the logits, as in the benchmark
+    grad_weights = torch.randn(
+        routing_weights.shape, device=x.device, generator=torch.Generator(x.device).manual_seed(3)
+    )
+    args = (x, weight, logits, ids, grad_logits, grad_weights, config)
+    split = split_products(weight) and split_products(x)
+    base = router_backward_tiles(config.num_experts, split)
+    print(f"  router backward: {'split bf16' if split else 'fp32'} products, heuristic {base}")
+    for block_t, block_h in ROUTER_DX:
+        t = base._replace(block_t=block_t, block_h=block_h)
+        report(
+            "router dx",
+            (block_t, block_h),
+            lambda t=t: router_backward(*args, need_dweight=False, tiles=t),
+            nbytes=2 * x.numel() * x.element_size(),
+        )
+    for block_t, block_h in ROUTER_WEIGHT:
+        t = base._replace(w_block_t=block_t, w_block_h=block_h)
+        report(
+            "router d weight",
+            (block_t, block_h),
+            lambda t=t: router_backward(*args, need_dx=False, tiles=t),
+            nbytes=x.numel() * x.element_size(),
+        )
 
 
 def main() -> None:
