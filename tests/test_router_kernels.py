@@ -156,7 +156,8 @@ def test_gradients_match_float64_autograd(device, config, T, seed):
 def test_bf16_operand_gradients_keep_fp32_accuracy(device, x_dtype, weight_dtype, num_experts):
     """With a bf16 operand the backward GEMMs split the fp32 logits' gradient into three bf16
     terms (on a GPU); the gradient that comes out in fp32 must still match float64 to fp32's
-    1e-5, where one bf16 term alone would be ~2e-3 off. The interpreter takes fp32 products."""
+    1e-5, where one bf16 term alone (2^-9 relative per product) would be ~1e-3 off. The
+    interpreter takes fp32 products."""
     config = MoEConfig(hidden_dim=256, intermediate_dim=16, num_experts=num_experts, top_k=4, dtype=torch.float32)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(200, 256, generator=g).to(device=device, dtype=x_dtype)

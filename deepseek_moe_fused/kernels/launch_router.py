@@ -61,9 +61,9 @@ class RouterBackwardTiles(NamedTuple):
 
 def router_backward_tiles(num_experts: int, split: bool) -> RouterBackwardTiles:
     """A (block_e, block_h) weight tile per dx step, narrower as E grows. With split products
-    (bf16 on the tensor cores) wider column tiles and longer token steps: on the H100 they took
-    v2-lite's N=16384 backward from 138 to ~100 us, the seed's from 89 to ~75
-    (docs/perf-notes.md); the fp32-product tiles were kept as measured before."""
+    (bf16 on the tensor cores) wider column tiles and longer token steps: on the H100 the two
+    kernels' sweeps add up to v2-lite's N=16384 backward going from 138 to ~100 us, the seed's
+    from 89 to ~70 (docs/perf-notes.md); the fp32-product tiles are the ones measured before."""
     block_e = _expert_block(num_experts)
     if split:
         return RouterBackwardTiles(16, max(16, min(128, 8192 // block_e)), 64, 128)
