@@ -141,22 +141,14 @@ def sweep_router_backward(layer, x, report) -> None:
     split = split_products(weight) and split_products(x)
     base = router_backward_tiles(config.num_experts, split)
     print(f"  router backward: {'split bf16' if split else 'fp32'} products, heuristic {base}")
-    for block_t, block_h in ROUTER_DX:
-        t = base._replace(block_t=block_t, block_h=block_h)
-        report(
-            "router dx",
-            (block_t, block_h),
-            lambda t=t: router_backward(*args, need_dweight=False, tiles=t),
-            nbytes=2 * x.numel() * x.element_size(),
-        )
-    for block_t, block_h in ROUTER_WEIGHT:
-        t = base._replace(w_block_t=block_t, w_block_h=block_h)
-        report(
-            "router d weight",
-            (block_t, block_h),
-            lambda t=t: router_backward(*args, need_dx=False, tiles=t),
-            nbytes=x.numel() * x.element_size(),
-        )
+    kernels = (
+        ("router dx", ROUTER_DX, ("block_t", "block_h"), {"need_dweight": False}),
+        ("router d weight", ROUTER_WEIGHT, ("w_block_t", "w_block_h"), {"need_dx": False}),
+    )
+    for name, candidates, fields, only in kernels:
+        for tile in candidates:
+            t = base._replace(**dict(zip(fields, tile, strict=True)))
+            report(name, tile, lambda t=t, only=only: router_backward(*args, tiles=t, **only))
 
 
 def main() -> None:
