@@ -23,7 +23,7 @@ from deepseek_moe_fused.kernels.launch import moe_experts_forward, new_preactiva
 from deepseek_moe_fused.kernels.launch_router import (
     route_tokens,
     router_backward,
-    router_backward_tiles,
+    router_backward_tiles_for,
     split_products,
 )
 from deepseek_moe_fused.testing import make_activations
@@ -138,9 +138,9 @@ def sweep_router_backward(layer, x, report) -> None:
         routing_weights.shape, device=x.device, generator=torch.Generator(x.device).manual_seed(3)
     )
     args = (x, weight, logits, ids, grad_logits, grad_weights, config)
-    split = split_products(weight) and split_products(x)
-    base = router_backward_tiles(config.num_experts, split)
-    print(f"  router backward: {'split bf16' if split else 'fp32'} products, heuristic {base}")
+    base = router_backward_tiles_for(x, weight, config.num_experts)
+    products = "split bf16" if split_products(weight) and split_products(x) else "fp32"
+    print(f"  router backward: {products} products, heuristic {base}")
     kernels = (
         ("router dx", ROUTER_DX, ("block_t", "block_h"), {"need_dweight": False}),
         ("router d weight", ROUTER_WEIGHT, ("w_block_t", "w_block_h"), {"need_dx": False}),

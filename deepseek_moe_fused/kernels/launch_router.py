@@ -76,6 +76,11 @@ def split_products(operand: torch.Tensor) -> bool:
     return operand.dtype == torch.bfloat16 and not interpreter_active()
 
 
+def router_backward_tiles_for(x: torch.Tensor, weight: torch.Tensor, num_experts: int) -> RouterBackwardTiles:
+    """`router_backward_tiles` for these operands: the split tiles where both GEMMs split."""
+    return router_backward_tiles(num_experts, split_products(weight) and split_products(x))
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -175,7 +180,8 @@ def router_backward(
         return dx, torch.zeros_like(weight) if need_dweight else None
     sms = _num_sms(x.device)
     block_e = _expert_block(E)
-    tiles = tiles or router_backward_tiles(E, split_products(weight) and split_products(x))
+    split_dx, split_dweight = split_products(weight), split_products(x)  # each GEMM's bf16 operand
+    tiles = tiles or router_backward_tiles_for(x, weight, E)
     block_t, block_h = tiles.block_t, tiles.block_h
     t_tiles = triton.cdiv(T, block_t)
     # H chunks per token tile until the programs fill two waves (each recomputes its tiles' grad).
@@ -186,7 +192,7 @@ def router_backward(
         logits, grad_logits.float().contiguous(), grad_weights.float().contiguous(), topk_ids, weight, grad, dx_arg,
         T, E, K, H, h_per_program, weight.stride(0), dx_arg.stride(0), float(config.routed_scaling_factor),
         SIGMOID=config.scoring_func == "sigmoid", NORM=config.norm_topk_prob, DX=need_dx,
-        SPLIT=split_products(weight), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h,
+        SPLIT=split_dx, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h,
         num_warps=4 if block_e <= 256 else 8,
     )  # fmt: skip
     if not need_dweight:
@@ -199,7 +205,7 @@ def router_backward(
     splits = triton.cdiv(T, rows_per_split)
     partial = new_output(x, (splits, E, H), torch.float32)
     _router_bwd_weight_kernel[(triton.cdiv(H, w_block_h), triton.cdiv(E, w_block_e), splits)](
-        grad, x, partial, T, E, H, x.stride(0), rows_per_split, SPLIT=split_products(x),
+        grad, x, partial, T, E, H, x.stride(0), rows_per_split, SPLIT=split_dweight,
         BLOCK_T=w_block_t, BLOCK_E=w_block_e, BLOCK_H=w_block_h, num_warps=4,
     )  # fmt: skip
     return dx, partial.sum(dim=0).to(weight.dtype)
