@@ -52,6 +52,13 @@ def make_activations(
     return _randn((num_tokens, hidden_dim), _generator(seed, device), scale, dtype, device)
 
 
+def _routing_weights(T: int, K: int, generator: torch.Generator) -> torch.Tensor:
+    """(T, K) fp32 routing weights of mixed sign and magnitude (log-normal, one in five negative)."""
+    magnitude = torch.exp(torch.randn(T, K, generator=generator))
+    sign = torch.where(torch.rand(T, K, generator=generator) < 0.2, -1.0, 1.0)
+    return magnitude * sign
+
+
 def make_routing(
     kind: str, num_tokens: int, num_experts: int, top_k: int, *, seed: int = 2, device="cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +85,24 @@ def make_routing(
         ids = popular[torch.multinomial(rank_weight.expand(max(T, 1), E), K, replacement=False, generator=g)][:T]
     else:  # repeated_expert
         ids = torch.randint(E, (T, 1), generator=g).expand(T, K).contiguous()
-    magnitude = torch.exp(torch.randn(T, K, generator=g))
-    sign = torch.where(torch.rand(T, K, generator=g) < 0.2, -1.0, 1.0)
-    return (magnitude * sign).to(device), ids.to(device)
+    return _routing_weights(T, K, g).to(device), ids.to(device)
+
+
+def routing_with_counts(
+    rows_per_expert: list[int], top_k: int, *, seed: int = 2, device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_weights, topk_ids) in which expert e gets exactly rows_per_expert[e] of the slots, in
+    a random order (a token may name one expert twice): routings that put chosen row counts at
+    the edges of the kernels' tiles. The counts must add up to a multiple of top_k."""
+    total = sum(rows_per_expert)
+    if total % top_k or min(rows_per_expert, default=0) < 0:
+        raise ValueError(
+            f"rows_per_expert must be >= 0 and add up to a multiple of top_k={top_k}, got {rows_per_expert}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    expert_of_row = torch.repeat_interleave(torch.arange(len(rows_per_expert)), torch.tensor(rows_per_expert))
+    ids = expert_of_row[torch.randperm(total, generator=g)].view(-1, top_k)
+    return _routing_weights(ids.shape[0], top_k, g).to(device), ids.to(device)
 
 
 @dataclass

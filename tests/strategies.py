@@ -94,3 +94,8 @@ def assume_well_conditioned(kernel_args: tuple, ref: torch.Tensor) -> None:
     x, _, _, gate_up_proj, _, *shared = kernel_args
     inner = max(gate_up_proj.shape[1] // 2, shared[0].shape[0] if shared and shared[0] is not None else 0, 1)
     assume_little_cancellation(oracle_magnitude(*kernel_args), ref, (x.shape[1] * inner) ** 0.5)
+
+
+# Rows per expert (7 experts) against 32-row tiles with 16-row tails: 32 + a 16-row tail, 32 + 17
+# (one row too many for the tail), a lone tail, one row, 32 + 1, none, 32 + 32 + 1.
+TAIL_EDGE_COUNTS = [48, 49, 16, 1, 33, 0, 65]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
-from strategies import moe_configs, num_tokens, routing_kinds, seeds
+from strategies import TAIL_EDGE_COUNTS, moe_configs, num_tokens, routing_kinds, seeds
 
 from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig, moe_layer
 from deepseek_moe_fused._backward_torch import experts_backward
@@ -26,8 +26,14 @@ def _bound(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 2 * TOLERANCES[dtype].rel_norm
 
 
-def _run_both(config, T, kind, seed, device):
-    inputs = make_moe_inputs(config, T, routing=kind, seed=seed, device=device)
+def _run_both(config, T, routing, seed, device):
+    """Triton and PyTorch gradients of one problem; `routing` a kind of make_routing, or a given
+    (topk_weights, topk_ids)."""
+    if isinstance(routing, str):
+        inputs = make_moe_inputs(config, T, routing=routing, seed=seed, device=device)
+    else:
+        inputs = make_moe_inputs(config, T, seed=seed, device=device)
+        inputs.topk_weights, inputs.topk_ids = routing
     w = inputs.weights
     metadata = routing_metadata_for(inputs.topk_ids, w)
     grad_out = make_activations(T, config.hidden_dim, seed=seed + 7, dtype=config.dtype, device=device)
@@ -81,9 +87,12 @@ F32 = torch.float32
 def test_triton_backward_matches_pytorch(device, problem):
     config, T, kind, seed = problem
     assume(T > 0)
-    got, want, routing_terms = _run_both(config, T, kind, seed, device)
+    _assert_gradients_match(*_run_both(config, T, kind, seed, device), config.dtype)
+
+
+def _assert_gradients_match(got, want, routing_terms, dtype):
     scale = max(float(w.double().norm()) for w in want if w is not None)
-    unit_roundoff = torch.finfo(config.dtype).eps / 2
+    unit_roundoff = torch.finfo(dtype).eps / 2
     for name, g, w in zip(GRAD_NAMES, got, want):
         if w is None:
             assert g is None, name
@@ -93,7 +102,7 @@ def test_triton_backward_matches_pytorch(device, problem):
         diff = float((g.double() - w.double()).norm())
         # Absolute floor at the problem's gradient scale: gradients that cancel to ~0 (top_k=1
         # with tiny dims) keep only rounding noise of their terms.
-        bound = _bound(config.dtype) * float(w.double().norm()) + 1e-6 * scale
+        bound = _bound(dtype) * float(w.double().norm()) + 1e-6 * scale
         if name == "topk_weights":  # three roundings (g, u, dA) of about u each, per term
             bound += 4 * unit_roundoff * float(routing_terms.norm())
         assert diff <= bound, f"{name}: |diff| {diff:.3e} > {bound:.3e}"
@@ -183,3 +192,17 @@ def test_preactivations_saved_only_when_a_backward_can_follow(device, monkeypatc
         layer.requires_grad_(True)
         layer(x).sum().backward()
     assert len(saved) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tail_tiles_in_backward(device, monkeypatch, dtype):
+    """dY W_down runs an expert's last rows in half-height tiles where they fit (32-row tiles,
+    16-row tails here; dX keeps full-height tiles): rows on both sides of that edge, gradients as
+    the PyTorch backward's."""
+    from deepseek_moe_fused.kernels import _tiles
+    from deepseek_moe_fused.testing import routing_with_counts
+
+    monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_m=32,block_n=16,block_k=16,num_stages=1")
+    config = MoEConfig(hidden_dim=33, intermediate_dim=17, num_experts=7, top_k=2, n_shared_experts=1, dtype=dtype)
+    topk_weights, topk_ids = routing_with_counts(TAIL_EDGE_COUNTS, top_k=2, seed=6, device=device)
+    _assert_gradients_match(*_run_both(config, topk_ids.shape[0], (topk_weights, topk_ids), 3, device), dtype)

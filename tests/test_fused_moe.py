@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from strategies import (
+    TAIL_EDGE_COUNTS,
     assume_little_cancellation,
     assume_well_conditioned,
     moe_configs,
@@ -247,3 +248,24 @@ def test_forced_tiles_change_the_launch_not_the_result(device, monkeypatch):
     with poisoned_outputs():
         out = fused_moe_experts(*inputs.kernel_args())
     _assert_matches(out, oracle_moe_experts(*inputs.kernel_args()), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tail", ["auto", "off"])  # "off": the full-height path the tails replace
+def test_tail_tiles_match_oracle(device, monkeypatch, dtype, tail):
+    """An expert's last tile runs half height when its rows fit; rows at both sides of that edge."""
+    from deepseek_moe_fused.kernels import _tiles
+    from deepseek_moe_fused.routing_metadata import build_routing_metadata
+    from deepseek_moe_fused.testing import routing_with_counts
+
+    monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_m=32,block_n=16,block_k=16,num_stages=1")
+    monkeypatch.setenv(_tiles.TAIL_TILES_ENV, tail)
+    assert _tiles.tail_block_m(32) == (16 if tail == "auto" else 32)
+    topk_weights, topk_ids = routing_with_counts(TAIL_EDGE_COUNTS, top_k=2, seed=5, device=device)
+    inputs = make_moe_inputs(_prime_e_config(dtype), topk_ids.shape[0], seed=4, device=device)
+    inputs.topk_weights, inputs.topk_ids = topk_weights, topk_ids
+    metadata = build_routing_metadata(topk_ids, 7, 32)
+    assert metadata.expert_counts.tolist() == TAIL_EDGE_COUNTS
+    with poisoned_outputs():
+        out = fused_moe_experts(*inputs.kernel_args())
+    _assert_matches(out, oracle_moe_experts(*inputs.kernel_args()), dtype)

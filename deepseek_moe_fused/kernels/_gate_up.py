@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from ._tile_map import _tile_rows
+from ._tile_map import _tile_rows, _tile_rows_left
 
 
 @triton.jit
@@ -106,6 +106,7 @@ def _gate_up_swiglu_kernel(
     SAVE_PREACT: tl.constexpr,
     WEIGHTS_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    TAIL_M: tl.constexpr,  # height of an expert's last tile when its rows fit; BLOCK_M: no tail tiles
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -114,7 +115,8 @@ def _gate_up_swiglu_kernel(
     """Grid: (max_tiles * cdiv(I, BLOCK_N) [if ROUTED] + cdiv(T, BLOCK_M) * cdiv(S, BLOCK_N) [if SHARED],).
 
     Programs [0, routed) own one (routed tile, I column tile) each: up to BLOCK_M rows of one
-    expert. The rest own one (token tile, S column tile) of the shared MLP. Both kinds read the same
+    expert (TAIL_M of them where that is all the expert has left: the same weight tiles, fewer
+    MMA rows). The rest own one (token tile, S column tile) of the shared MLP. Both kinds read the same
     X in the same launch, so X tiles loaded by the routed programs are still in L2 for the shared ones.
     """
     pid = tl.program_id(0)
@@ -125,24 +127,22 @@ def _gate_up_swiglu_kernel(
         tile = pid // n_tiles_i
         expert = tl.load(tile_expert_ptr + tile)
         if expert >= 0:
-            rows, row_mask, slots = _tile_rows(
-                tile, sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, expert, BLOCK_M
-            )
-            if WEIGHTS_TMA:  # descriptor rows: expert e's gate rows start at e * 2I, its up rows at + I
-                gate_w, up_w = w_gate_ptr, w_up_ptr
-                gate_row0 = expert * 2 * I
-                up_row0 = gate_row0 + I
+            pid_n = pid % n_tiles_i
+            # An expert's last tile with at most TAIL_M rows runs TAIL_M high: same weights, fewer MMA rows.
+            if TAIL_M < BLOCK_M and _tile_rows_left(tile, expert, tile_row_start_ptr, expert_offsets_ptr) <= TAIL_M:
+                _routed_swiglu(
+                    x_ptr, w_gate_ptr, w_up_ptr, h_routed_ptr, pre_routed_ptr,
+                    sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, tile, expert, pid_n,
+                    H, I, top_k, stride_xt, stride_we, stride_wn, stride_hr, stride_pr,
+                    SAVE_PREACT, WEIGHTS_TMA, TAIL_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+                )  # fmt: skip
             else:
-                expert_offset = expert.to(tl.int64) * stride_we
-                gate_w, up_w = w_gate_ptr + expert_offset, w_up_ptr + expert_offset
-                gate_row0, up_row0 = 0, 0
-            _swiglu_tile(
-                x_ptr, (slots // top_k).to(tl.int64), row_mask,
-                gate_w, gate_row0, up_w, up_row0,
-                h_routed_ptr, rows.to(tl.int64), pre_routed_ptr,
-                I, H, stride_xt, stride_wn, stride_hr, stride_pr, pid % n_tiles_i, SAVE_PREACT, WEIGHTS_TMA,
-                BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
-            )  # fmt: skip
+                _routed_swiglu(
+                    x_ptr, w_gate_ptr, w_up_ptr, h_routed_ptr, pre_routed_ptr,
+                    sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, tile, expert, pid_n,
+                    H, I, top_k, stride_xt, stride_we, stride_wn, stride_hr, stride_pr,
+                    SAVE_PREACT, WEIGHTS_TMA, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+                )  # fmt: skip
     elif SHARED:
         local = pid - num_routed
         n_tiles_s = tl.cdiv(S, BLOCK_N)
@@ -156,3 +156,31 @@ def _gate_up_swiglu_kernel(
             S, H, stride_xt, stride_sn, stride_hs, stride_ps, local % n_tiles_s, SAVE_PREACT, WEIGHTS_TMA,
             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
         )  # fmt: skip
+
+
+@triton.jit
+def _routed_swiglu(
+    x_ptr, w_gate_ptr, w_up_ptr, h_routed_ptr, pre_routed_ptr,
+    sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, tile, expert, pid_n,
+    H, I, top_k, stride_xt, stride_we, stride_wn, stride_hr, stride_pr,
+    SAVE_PREACT: tl.constexpr, WEIGHTS_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One (routed tile, I column tile) of `_gate_up_swiglu_kernel`, BLOCK_M rows high."""
+    rows, row_mask, slots = _tile_rows(tile, sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, expert, BLOCK_M)
+    if WEIGHTS_TMA:  # descriptor rows: expert e's gate rows start at e * 2I, its up rows at + I
+        gate_w, up_w = w_gate_ptr, w_up_ptr
+        gate_row0 = expert * 2 * I
+        up_row0 = gate_row0 + I
+    else:
+        expert_offset = expert.to(tl.int64) * stride_we
+        gate_w, up_w = w_gate_ptr + expert_offset, w_up_ptr + expert_offset
+        gate_row0, up_row0 = 0, 0
+    _swiglu_tile(
+        x_ptr, (slots // top_k).to(tl.int64), row_mask,
+        gate_w, gate_row0, up_w, up_row0,
+        h_routed_ptr, rows.to(tl.int64), pre_routed_ptr,
+        I, H, stride_xt, stride_wn, stride_hr, stride_pr, pid_n, SAVE_PREACT, WEIGHTS_TMA,
+        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+    )  # fmt: skip

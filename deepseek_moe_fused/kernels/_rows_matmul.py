@@ -5,7 +5,7 @@ token tiles of the shared MLP run in the same launch, as stage 1 reads X once fo
 import triton
 import triton.language as tl
 
-from ._tile_map import _tile_rows
+from ._tile_map import _tile_rows, _tile_rows_left
 
 
 @triton.jit
@@ -110,6 +110,7 @@ def _rows_matmul_kernel(
     OUT_BY_SLOT: tl.constexpr,
     SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    TAIL_M: tl.constexpr,  # height of an expert's last tile when its rows fit; BLOCK_M: no tail tiles
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -117,7 +118,8 @@ def _rows_matmul_kernel(
 ):
     """Grid: (max_tiles * cdiv(n_cols, BLOCK_N) [ROUTED] + cdiv(T, BLOCK_M) * cdiv(n_cols_shared, BLOCK_N) [SHARED],).
 
-    A routed program owns one (routed tile, column tile) of one expert; a program past the routed
+    A routed program owns one (routed tile, column tile) of one expert (TAIL_M rows high where that
+    is all the expert has left); a program past the routed
     ones owns one (token tile, column tile) of the shared MLP (scale 1). Every output element has
     one owner: writing each slot to its own row (OUT_BY_SLOT) lets the K slots be summed after in
     a fixed order, so results are deterministic.
@@ -130,26 +132,22 @@ def _rows_matmul_kernel(
         tile = pid // n_tiles
         expert = tl.load(tile_expert_ptr + tile)
         if expert >= 0:
-            rows, row_mask, slots = _tile_rows(
-                tile, sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, expert, BLOCK_M
-            )
-            if SCALE:
-                scale = tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+            pid_n = pid % n_tiles
+            # An expert's last tile with at most TAIL_M rows runs TAIL_M high: same b tiles, fewer MMA rows.
+            if TAIL_M < BLOCK_M and _tile_rows_left(tile, expert, tile_row_start_ptr, expert_offsets_ptr) <= TAIL_M:
+                _routed_rows_matmul(
+                    a_routed_ptr, b_ptr, b2_ptr, topk_weights_ptr, out_routed_ptr,
+                    sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, tile, expert, pid_n,
+                    top_k, n_red, n_cols, stride_ar, stride_be, stride_bk, stride_bn, stride_or,
+                    TWO, B_TMA, A_BY_TOKEN, OUT_BY_SLOT, SCALE, TAIL_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+                )  # fmt: skip
             else:
-                scale = tl.full((BLOCK_M,), 1.0, tl.float32)
-            a_rows = (slots // top_k).to(tl.int64) if A_BY_TOKEN else rows.to(tl.int64)
-            out_rows = slots.to(tl.int64) if OUT_BY_SLOT else rows.to(tl.int64)
-            if B_TMA:
-                b, b2, b_row0 = b_ptr, b2_ptr, expert * n_cols
-            else:
-                e_offset = expert.to(tl.int64) * stride_be
-                b, b2, b_row0 = b_ptr + e_offset, b2_ptr + e_offset, 0
-            _rows_matmul_tile(
-                a_routed_ptr, a_rows, row_mask, b, b_row0, b2, scale,
-                out_routed_ptr, out_rows,
-                n_red, n_cols, stride_ar, stride_bk, stride_bn, stride_or, pid % n_tiles,
-                TWO, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
-            )  # fmt: skip
+                _routed_rows_matmul(
+                    a_routed_ptr, b_ptr, b2_ptr, topk_weights_ptr, out_routed_ptr,
+                    sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, tile, expert, pid_n,
+                    top_k, n_red, n_cols, stride_ar, stride_be, stride_bk, stride_bn, stride_or,
+                    TWO, B_TMA, A_BY_TOKEN, OUT_BY_SLOT, SCALE, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+                )  # fmt: skip
     elif SHARED:
         local = pid - num_routed
         n_tiles_s = tl.cdiv(n_cols_shared, BLOCK_N)
@@ -162,3 +160,33 @@ def _rows_matmul_kernel(
             n_red_shared, n_cols_shared, stride_as, stride_sbk, stride_sbn, stride_os, local % n_tiles_s,
             TWO, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
         )  # fmt: skip
+
+
+@triton.jit
+def _routed_rows_matmul(
+    a_routed_ptr, b_ptr, b2_ptr, topk_weights_ptr, out_routed_ptr,
+    sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, tile, expert, pid_n,
+    top_k, n_red, n_cols, stride_ar, stride_be, stride_bk, stride_bn, stride_or,
+    TWO: tl.constexpr, B_TMA: tl.constexpr, A_BY_TOKEN: tl.constexpr, OUT_BY_SLOT: tl.constexpr,
+    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One (routed tile, column tile) of `_rows_matmul_kernel`, BLOCK_M rows high."""
+    rows, row_mask, slots = _tile_rows(tile, sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, expert, BLOCK_M)
+    if SCALE:
+        scale = tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+    else:
+        scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+    a_rows = (slots // top_k).to(tl.int64) if A_BY_TOKEN else rows.to(tl.int64)
+    out_rows = slots.to(tl.int64) if OUT_BY_SLOT else rows.to(tl.int64)
+    if B_TMA:
+        b, b2, b_row0 = b_ptr, b2_ptr, expert * n_cols
+    else:
+        e_offset = expert.to(tl.int64) * stride_be
+        b, b2, b_row0 = b_ptr + e_offset, b2_ptr + e_offset, 0
+    _rows_matmul_tile(
+        a_routed_ptr, a_rows, row_mask, b, b_row0, b2, scale,
+        out_routed_ptr, out_rows,
+        n_red, n_cols, stride_ar, stride_bk, stride_bn, stride_or, pid_n,
+        TWO, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+    )  # fmt: skip

@@ -12,9 +12,14 @@ from pathlib import Path
 
 import triton
 
+from .._env import env_choice
+
 # "block_m=16,block_n=16,..." overrides every other choice, for both stages: for tuning
 # experiments and for showing that the benchmark gate catches a slow configuration.
 FORCE_TILES_ENV = "DEEPSEEK_MOE_FORCE_TILES"
+# "auto" (default): an expert's last routed tile runs half height where its rows fit (`tail_block_m`);
+# "off": every routed tile is block_m high, for same-process comparisons.
+TAIL_TILES_ENV = "DEEPSEEK_MOE_TAIL_TILES"
 # Written by tools/tune.py (`make tune`); read once per process.
 TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
 
@@ -39,6 +44,15 @@ class ExpertTiles:
     @property
     def block_m(self) -> int:
         return self.gate_up.block_m
+
+
+def tail_block_m(block_m: int) -> int:
+    """Height of the row-tiled kernels' tile for an expert's last rows when they fit in it: half
+    of block_m, so an expert with 192 rows runs 128 + 64 rows of MMA, not 128 + 128. block_m
+    itself (no tail tiles) below 32 rows, since tl.dot needs 16 rows, or when TAIL_TILES_ENV is off."""
+    if block_m < 32 or env_choice(TAIL_TILES_ENV, ("auto", "off"), "auto") == "off":
+        return block_m
+    return block_m // 2
 
 
 def problem_key(num_experts: int, hidden_dim: int, inner_dim: int, shared_dim: int, top_k: int) -> str:
