@@ -153,3 +153,21 @@ def test_backward_tiles_take_the_override_but_keep_the_metadata_height(monkeypat
     assert tiles.source.startswith("forced")
     for stage in (tiles.down_grad, tiles.dx):
         assert (stage.block_m, stage.block_n, stage.num_stages) == (64, 32, 2)
+
+
+@pytest.mark.parametrize(
+    ("block_m", "tail"),
+    [
+        (128, 64),  # prefill: 192-row experts run 128 + 64 rows
+        (32, 16),  # the smallest tail: tl.dot needs 16 rows
+        (16, 16),  # decode tiles have none
+    ],
+)
+def test_tail_height_and_its_switch(monkeypatch, block_m, tail):
+    monkeypatch.delenv(_tiles.TAIL_TILES_ENV, raising=False)
+    assert _tiles.tail_block_m(block_m) == tail
+    monkeypatch.setenv(_tiles.TAIL_TILES_ENV, "off")
+    assert _tiles.tail_block_m(block_m) == block_m
+    monkeypatch.setenv(_tiles.TAIL_TILES_ENV, "half")
+    with pytest.raises(ValueError, match=_tiles.TAIL_TILES_ENV):
+        _tiles.tail_block_m(block_m)

@@ -50,7 +50,7 @@ def tail_block_m(block_m: int) -> int:
     """Height of the row-tiled kernels' tile for an expert's last rows when they fit in it: half
     of block_m, so an expert with 192 rows runs 128 + 64 rows of MMA, not 128 + 128. block_m
     itself (no tail tiles) below 32 rows, since tl.dot needs 16 rows, or when TAIL_TILES_ENV is off."""
-    if block_m < 32 or env_choice(TAIL_TILES_ENV, ("auto", "off"), "auto") == "off":
+    if env_choice(TAIL_TILES_ENV, ("auto", "off"), "auto") == "off" or block_m < 32:
         return block_m
     return block_m // 2
 
