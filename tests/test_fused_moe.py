@@ -260,7 +260,7 @@ def test_tail_tiles_match_oracle(device, monkeypatch, dtype, tail):
 
     monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_m=32,block_n=16,block_k=16,num_stages=1")
     monkeypatch.setenv(_tiles.TAIL_TILES_ENV, tail)
-    assert _tiles.tail_block_m(32) == (16 if tail == "auto" else 32)
+    assert _tiles.tail_block_m(32, 33) == (16 if tail == "auto" else 32)
     topk_weights, topk_ids = routing_with_counts(TAIL_EDGE_COUNTS, top_k=2, seed=5, device=device)
     inputs = make_moe_inputs(_prime_e_config(dtype), topk_ids.shape[0], seed=4, device=device)
     inputs.topk_weights, inputs.topk_ids = topk_weights, topk_ids

@@ -156,18 +156,20 @@ def test_backward_tiles_take_the_override_but_keep_the_metadata_height(monkeypat
 
 
 @pytest.mark.parametrize(
-    ("block_m", "tail"),
+    ("block_m", "reduction", "tail"),
     [
-        (128, 64),  # prefill: 192-row experts run 128 + 64 rows
-        (32, 16),  # the smallest tail: tl.dot needs 16 rows
-        (16, 16),  # decode tiles have none
+        (128, 2048, 64),  # prefill: 192-row experts run 128 + 64 rows
+        (32, 33, 16),  # the smallest tail: tl.dot needs 16 rows
+        (16, 2048, 16),  # decode tiles have none
+        (128, 4096, 64),  # the longest reduction with tails
+        (128, 7168, 128),  # DeepSeek-V3's gate/up: the tail's weight tiles fall out of L2
     ],
 )
-def test_tail_height_and_its_switch(monkeypatch, block_m, tail):
+def test_tail_height_and_its_switch(monkeypatch, block_m, reduction, tail):
     monkeypatch.delenv(_tiles.TAIL_TILES_ENV, raising=False)
-    assert _tiles.tail_block_m(block_m) == tail
+    assert _tiles.tail_block_m(block_m, reduction) == tail
     monkeypatch.setenv(_tiles.TAIL_TILES_ENV, "off")
-    assert _tiles.tail_block_m(block_m) == block_m
+    assert _tiles.tail_block_m(block_m, reduction) == block_m
     monkeypatch.setenv(_tiles.TAIL_TILES_ENV, "half")
     with pytest.raises(ValueError, match=_tiles.TAIL_TILES_ENV):
-        _tiles.tail_block_m(block_m)
+        _tiles.tail_block_m(block_m, reduction)

@@ -46,11 +46,21 @@ class ExpertTiles:
         return self.gate_up.block_m
 
 
-def tail_block_m(block_m: int) -> int:
+# Longest reduction with tail tiles. A tail program multiplies half the rows over the same
+# weight tiles as the expert's full tiles beside it, so it runs ahead of them, and L2 must hold
+# the weight tiles from its read to theirs: at DeepSeek-V3's gate/up (H=7168) that cost 10-12%
+# (N = 8192-16384), where reductions of 1408-2048 gained 2-5% (docs/perf-notes.md, "Tail tiles").
+TAIL_MAX_REDUCTION = 4096
+
+
+def tail_block_m(block_m: int, reduction: int) -> int:
     """Height of the row-tiled kernels' tile for an expert's last rows when they fit in it: half
     of block_m, so an expert with 192 rows runs 128 + 64 rows of MMA, not 128 + 128. block_m
-    itself (no tail tiles) below 32 rows, since tl.dot needs 16 rows, or when TAIL_TILES_ENV is off."""
-    if env_choice(TAIL_TILES_ENV, ("auto", "off"), "auto") == "off" or block_m < 32:
+    itself (no tail tiles) below 32 rows, since tl.dot needs 16 rows; for reductions longer than
+    TAIL_MAX_REDUCTION; or when TAIL_TILES_ENV is off."""
+    if env_choice(TAIL_TILES_ENV, ("auto", "off"), "auto") == "off":
+        return block_m
+    if block_m < 32 or reduction > TAIL_MAX_REDUCTION:
         return block_m
     return block_m // 2
 

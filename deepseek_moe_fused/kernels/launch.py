@@ -204,7 +204,7 @@ def gate_up_swiglu(
         x.stride(0), gate.stride(0), gate.stride(1), shared_gate.stride(0),
         h_routed_arg.stride(0), h_shared_arg.stride(0), pre_routed.stride(0), pre_shared.stride(0),
         ROUTED=routed, SHARED=shared, SAVE_PREACT=save, WEIGHTS_TMA=descriptors is not None,
-        BLOCK_M=bm, TAIL_M=_tiles.tail_block_m(bm), BLOCK_N=bn, BLOCK_K=tiles.block_k,
+        BLOCK_M=bm, TAIL_M=_tiles.tail_block_m(bm, H), BLOCK_N=bn, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **_kernel_flags(x.dtype),
     )  # fmt: skip
@@ -294,7 +294,7 @@ def launch_rows_matmul(
         b_args = (descriptors[0], descriptors[0], descriptors[1], descriptors[1])
     # No tail tiles with two dots per step (dX): the second tile height took its 128 x 256 tile
     # from 230 registers to 255 and spills, and dX from 224 to 248 us (seed N=2048, H100).
-    tail_m = bm if two else _tiles.tail_block_m(bm)
+    tail_m = bm if two else _tiles.tail_block_m(bm, n_red)
     _rows_matmul_kernel[(grid,)](
         r.a, s.a, *b_args, topk_weights if scale else r.out,
         r.out, s.out,
