@@ -116,8 +116,9 @@ def _gate_up_swiglu_kernel(
 
     Programs [0, routed) own one (routed tile, I column tile) each: up to BLOCK_M rows of one
     expert (TAIL_M of them where that is all the expert has left: the same weight tiles, fewer
-    MMA rows). The rest own one (token tile, S column tile) of the shared MLP. Both kinds read the same
-    X in the same launch, so X tiles loaded by the routed programs are still in L2 for the shared ones.
+    MMA rows). The rest own one (token tile, S column tile) of the shared MLP. Both kinds read the
+    same X in the same launch, so X tiles loaded by the routed programs are still in L2 for the
+    shared ones.
     """
     pid = tl.program_id(0)
     n_tiles_i = tl.cdiv(I, BLOCK_N)

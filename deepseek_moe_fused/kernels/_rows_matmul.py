@@ -119,10 +119,10 @@ def _rows_matmul_kernel(
     """Grid: (max_tiles * cdiv(n_cols, BLOCK_N) [ROUTED] + cdiv(T, BLOCK_M) * cdiv(n_cols_shared, BLOCK_N) [SHARED],).
 
     A routed program owns one (routed tile, column tile) of one expert (TAIL_M rows high where that
-    is all the expert has left); a program past the routed
-    ones owns one (token tile, column tile) of the shared MLP (scale 1). Every output element has
-    one owner: writing each slot to its own row (OUT_BY_SLOT) lets the K slots be summed after in
-    a fixed order, so results are deterministic.
+    is all the expert has left); a program past the routed ones owns one (token tile, column tile)
+    of the shared MLP (scale 1). Every output element has one owner: writing each slot to its own
+    row (OUT_BY_SLOT) lets the K slots be summed after in a fixed order, so results are
+    deterministic.
     """
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_cols, BLOCK_N)
