@@ -139,8 +139,7 @@ def sweep_router_backward(layer, x, report) -> None:
     )
     args = (x, weight, logits, ids, grad_logits, grad_weights, config)
     base = router_backward_tiles_for(x, weight, config.num_experts)
-    products = "split bf16" if split_products(weight) and split_products(x) else "fp32"
-    print(f"  router backward: {products} products, heuristic {base}")
+    print(f"  router backward: split products dx {split_products(weight)}, d weight {split_products(x)}; {base}")
     kernels = (
         ("router dx", ROUTER_DX, ("block_t", "block_h"), {"need_dweight": False}),
         ("router d weight", ROUTER_WEIGHT, ("w_block_t", "w_block_h"), {"need_dx": False}),

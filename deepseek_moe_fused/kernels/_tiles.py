@@ -53,14 +53,16 @@ class ExpertTiles:
 TAIL_MAX_REDUCTION = 4096
 
 
-def tail_block_m(block_m: int, reduction: int) -> int:
+def tail_block_m(block_m: int, reduction: int, dots_per_step: int = 1) -> int:
     """Height of the row-tiled kernels' tile for an expert's last rows when they fit in it: half
     of block_m, so an expert with 192 rows runs 128 + 64 rows of MMA, not 128 + 128. block_m
     itself (no tail tiles) below 32 rows, since tl.dot needs 16 rows; for reductions longer than
-    TAIL_MAX_REDUCTION; or when TAIL_TILES_ENV is off."""
+    TAIL_MAX_REDUCTION; with two dots per step (dX), whose 128 x 256 tile went from 230
+    registers to 255 and spilled with the second height compiled in (dX 224 -> 248 us, seed
+    N=2048, H100); or when TAIL_TILES_ENV is off."""
     if env_choice(TAIL_TILES_ENV, ("auto", "off"), "auto") == "off":
         return block_m
-    if block_m < 32 or reduction > TAIL_MAX_REDUCTION:
+    if block_m < 32 or reduction > TAIL_MAX_REDUCTION or dots_per_step > 1:
         return block_m
     return block_m // 2
 

@@ -292,9 +292,6 @@ def launch_rows_matmul(
         descriptors = _tma.weight_descriptors(r.a.device, [r.b, s.b], bn, tiles.block_k)
     if descriptors is not None:
         b_args = (descriptors[0], descriptors[0], descriptors[1], descriptors[1])
-    # No tail tiles with two dots per step (dX): the second tile height took its 128 x 256 tile
-    # from 230 registers to 255 and spills, and dX from 224 to 248 us (seed N=2048, H100).
-    tail_m = bm if two else _tiles.tail_block_m(bm, n_red)
     _rows_matmul_kernel[(grid,)](
         r.a, s.a, *b_args, topk_weights if scale else r.out,
         r.out, s.out,
@@ -304,7 +301,7 @@ def launch_rows_matmul(
         r.out.stride(-2), s.out.stride(-2),
         ROUTED=routed is not None, SHARED=shared is not None, TWO=two, B_TMA=descriptors is not None,
         A_BY_TOKEN=a_by_token, OUT_BY_SLOT=out_by_slot, SCALE=scale,
-        BLOCK_M=bm, TAIL_M=tail_m, BLOCK_N=bn, BLOCK_K=tiles.block_k,
+        BLOCK_M=bm, TAIL_M=_tiles.tail_block_m(bm, n_red, 2 if two else 1), BLOCK_N=bn, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_kernel_flags(r.a.dtype),
     )  # fmt: skip
 
