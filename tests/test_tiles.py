@@ -173,9 +173,3 @@ def test_tail_height_and_its_switch(monkeypatch, block_m, reduction, tail):
     monkeypatch.setenv(_tiles.TAIL_TILES_ENV, "half")
     with pytest.raises(ValueError, match=_tiles.TAIL_TILES_ENV):
         _tiles.tail_block_m(block_m, reduction)
-
-
-def test_no_tail_tiles_with_two_dots_per_step(monkeypatch):
-    """dX's two dots per step spilled registers with the second tile height compiled in."""
-    monkeypatch.delenv(_tiles.TAIL_TILES_ENV, raising=False)
-    assert _tiles.tail_block_m(128, 2048, dots_per_step=2) == 128

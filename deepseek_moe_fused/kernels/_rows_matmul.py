@@ -28,6 +28,7 @@ def _rows_matmul_tile(
     stride_out,
     pid_n,
     TWO: tl.constexpr,
+    TWO_WHOLE_STEPS: tl.constexpr,  # n_red is a whole number of k steps: no step straddles b and b2
     B_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -36,33 +37,39 @@ def _rows_matmul_tile(
     DOT_PRECISION: tl.constexpr,
 ):
     """out[out_rows, n-tile] = scale * (a[a_rows] @ b [+ a[a_rows, n_red:] @ b2]), fp32
-    accumulate, one rounding at the end. Strides of 1 are specialised by Triton, so a transposed
-    right operand costs nothing over a contiguous one."""
+    accumulate, one rounding at the end. With TWO the two products are one reduction over a's
+    2 n_red columns, whose rows of the right operand come from b, then b2: one dot per step,
+    where two dots of half the k step each took 12-18% longer (the H100, dX's routed part at
+    seed N=2048 / 8192: 161 -> 143 / 519 -> 428 us; docs/perf-notes.md). Strides of 1 are
+    specialised by Triton, so a transposed right operand costs nothing over a contiguous one."""
+    n_total = 2 * n_red if TWO else n_red
     n_start = pid_n * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
     col_mask = offs_n < n_cols
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + offs_k[None, :]
-    b_offs = offs_k.to(tl.int64)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    b_cols = offs_n.to(tl.int64)[None, :] * stride_bn
+    b_offs = offs_k.to(tl.int64)[:, None] * stride_bk + b_cols
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, n_red, BLOCK_K):
-        k_mask = offs_k < n_red - k0
+    for k0 in range(0, n_total, BLOCK_K):
+        k_mask = offs_k < n_total - k0
         a_mask = row_mask[:, None] & k_mask[None, :]
         b_mask = k_mask[:, None] & col_mask[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if B_TMA:  # columns past n_cols read other rows of b^T; the store masks them
             b = b_ptr.load([b_row0 + n_start, k0]).T
+        elif TWO and TWO_WHOLE_STEPS:  # each step in b or in b2: one base pointer per step
+            b_base = tl.where(k0 < n_red, b_ptr, b2_ptr - tl.cast(n_red, tl.int64) * stride_bk)
+            b = tl.load(b_base + b_offs, mask=b_mask, other=0.0)
+        elif TWO:  # a step may straddle b's last row and b2's first: per row
+            k = (k0 + offs_k).to(tl.int64)
+            b_rows = tl.where(k < n_red, b_ptr + k * stride_bk, b2_ptr + (k - n_red) * stride_bk)
+            b = tl.load(b_rows[:, None] + b_cols, mask=b_mask, other=0.0)
         else:
             b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0)
         if UPCAST:  # the interpreter cannot multiply bf16
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if TWO:
-            a2 = tl.load(a_ptrs + n_red, mask=a_mask, other=0.0)
-            b2 = tl.load(b2_ptr + b_offs, mask=b_mask, other=0.0)
-            if UPCAST:
-                a2, b2 = a2.to(tl.float32), b2.to(tl.float32)
-            acc = tl.dot(a2, b2, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_offs += BLOCK_K * stride_bk
     y = acc * scale[:, None]
@@ -105,6 +112,7 @@ def _rows_matmul_kernel(
     ROUTED: tl.constexpr,
     SHARED: tl.constexpr,
     TWO: tl.constexpr,
+    TWO_WHOLE_STEPS: tl.constexpr,  # with TWO: n_red and n_red_shared are whole numbers of k steps
     B_TMA: tl.constexpr,  # right operands through TMA descriptors (never with TWO)
     A_BY_TOKEN: tl.constexpr,
     OUT_BY_SLOT: tl.constexpr,
@@ -139,14 +147,16 @@ def _rows_matmul_kernel(
                     a_routed_ptr, b_ptr, b2_ptr, topk_weights_ptr, out_routed_ptr,
                     sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, tile, expert, pid_n,
                     top_k, n_red, n_cols, stride_ar, stride_be, stride_bk, stride_bn, stride_or,
-                    TWO, B_TMA, A_BY_TOKEN, OUT_BY_SLOT, SCALE, TAIL_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+                    TWO, TWO_WHOLE_STEPS, B_TMA, A_BY_TOKEN, OUT_BY_SLOT, SCALE, TAIL_M, BLOCK_N, BLOCK_K,
+                    UPCAST, DOT_PRECISION,
                 )  # fmt: skip
             else:
                 _routed_rows_matmul(
                     a_routed_ptr, b_ptr, b2_ptr, topk_weights_ptr, out_routed_ptr,
                     sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, tile, expert, pid_n,
                     top_k, n_red, n_cols, stride_ar, stride_be, stride_bk, stride_bn, stride_or,
-                    TWO, B_TMA, A_BY_TOKEN, OUT_BY_SLOT, SCALE, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+                    TWO, TWO_WHOLE_STEPS, B_TMA, A_BY_TOKEN, OUT_BY_SLOT, SCALE, BLOCK_M, BLOCK_N, BLOCK_K,
+                    UPCAST, DOT_PRECISION,
                 )  # fmt: skip
     elif SHARED:
         local = pid - num_routed
@@ -158,7 +168,7 @@ def _rows_matmul_kernel(
             a_shared_ptr, tokens, token_mask, shared_b_ptr, 0, shared_b2_ptr, tl.full((BLOCK_M,), 1.0, tl.float32),
             out_shared_ptr, tokens,
             n_red_shared, n_cols_shared, stride_as, stride_sbk, stride_sbn, stride_os, local % n_tiles_s,
-            TWO, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+            TWO, TWO_WHOLE_STEPS, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
         )  # fmt: skip
 
 
@@ -167,8 +177,8 @@ def _routed_rows_matmul(
     a_routed_ptr, b_ptr, b2_ptr, topk_weights_ptr, out_routed_ptr,
     sorted_slot_ptr, tile_row_start_ptr, expert_offsets_ptr, tile, expert, pid_n,
     top_k, n_red, n_cols, stride_ar, stride_be, stride_bk, stride_bn, stride_or,
-    TWO: tl.constexpr, B_TMA: tl.constexpr, A_BY_TOKEN: tl.constexpr, OUT_BY_SLOT: tl.constexpr,
-    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TWO: tl.constexpr, TWO_WHOLE_STEPS: tl.constexpr, B_TMA: tl.constexpr, A_BY_TOKEN: tl.constexpr,
+    OUT_BY_SLOT: tl.constexpr, SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One (routed tile, column tile) of `_rows_matmul_kernel`, BLOCK_M rows high."""
@@ -188,5 +198,5 @@ def _routed_rows_matmul(
         a_routed_ptr, a_rows, row_mask, b, b_row0, b2, scale,
         out_routed_ptr, out_rows,
         n_red, n_cols, stride_ar, stride_bk, stride_bn, stride_or, pid_n,
-        TWO, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
+        TWO, TWO_WHOLE_STEPS, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
     )  # fmt: skip

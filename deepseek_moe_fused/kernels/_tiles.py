@@ -53,16 +53,14 @@ class ExpertTiles:
 TAIL_MAX_REDUCTION = 4096
 
 
-def tail_block_m(block_m: int, reduction: int, dots_per_step: int = 1) -> int:
+def tail_block_m(block_m: int, reduction: int) -> int:
     """Height of the row-tiled kernels' tile for an expert's last rows when they fit in it: half
     of block_m, so an expert with 192 rows runs 128 + 64 rows of MMA, not 128 + 128. block_m
     itself (no tail tiles) below 32 rows, since tl.dot needs 16 rows; for reductions longer than
-    TAIL_MAX_REDUCTION; with two dots per step (dX), whose 128 x 256 tile went from 230
-    registers to 255 and spilled with the second height compiled in (dX 224 -> 248 us, seed
-    N=2048, H100); or when TAIL_TILES_ENV is off."""
+    TAIL_MAX_REDUCTION; or when TAIL_TILES_ENV is off."""
     if env_choice(TAIL_TILES_ENV, ("auto", "off"), "auto") == "off":
         return block_m
-    if block_m < 32 or reduction > TAIL_MAX_REDUCTION or dots_per_step > 1:
+    if block_m < 32 or reduction > TAIL_MAX_REDUCTION:
         return block_m
     return block_m // 2
 
@@ -259,11 +257,11 @@ def backward_tiles(
     rows_per_expert: float | None = None,  # mean routed rows per expert; None: many
     tma: bool = False,  # whether the card and Triton can read TMA boxes (_tma.tma_enabled)
 ) -> BackwardTiles:
-    """dY W_down and dX are row-tiled GEMMs (the forward's down-stage shape, dX with two dots per
-    step); the weight gradients are plain GEMMs over each expert's sorted rows
-    (`_weight_grad_tiles`). Measured on the H100 (docs/perf-notes.md, backward v1-v3): wide
-    tiles with a short k step. fp32 operands (itemsize 4) take half the pipeline stages: shared
-    memory is the limit."""
+    """dY W_down and dX are row-tiled GEMMs (the forward's down-stage shape, dX reducing over
+    [dG | dU]'s 2I columns); the weight gradients are plain GEMMs over each expert's sorted rows
+    (`_weight_grad_tiles`). Measured on the H100 (docs/perf-notes.md, backward v1-v3 and "dX in
+    one reduction"): wide tiles, a 64-column k step. fp32 operands (itemsize 4) take half the
+    k step and fewer pipeline stages: shared memory is the limit."""
     if interpret:  # the forward's interpreter tiles: dY W_down has stage 1's shape, dX stage 2's
         tiles = heuristic_tiles(block_m, hidden_dim, inner_dim, interpret)
         swiglu = ElementwiseTiles(16, _pow2_clamp(inner_dim, 16, 64), 4)
@@ -273,7 +271,7 @@ def backward_tiles(
     wide = itemsize <= 2
     block_n = 256 if block_m >= 128 and wide else 128
     down_grad = TileConfig(block_m, block_n, 64 if wide else 32, warps, 3)
-    dx = TileConfig(block_m, block_n, 32, warps, 4 if wide else 3)
+    dx = TileConfig(block_m, block_n, 64 if wide else 32, warps, 4 if wide else 3)
     weight_grad, weight_grad_tma = _weight_grad_tiles(itemsize, rows_per_expert, tma)
     tiles = BackwardTiles(down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, weight_grad_tma, "heuristic")
     spec = _force_spec()

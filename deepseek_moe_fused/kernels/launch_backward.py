@@ -86,7 +86,7 @@ def _swiglu_backward_stage(
 
 def _dx_stage(num_tokens: int, preacts, weights: ExpertWeights, metadata, tiles: _tiles.TileConfig):
     """Each slot's share of dX (T, K, H) in slot order, and the shared MLP's (T, H):
-    [dG | dU] @ [W_gate; W_up], two dots per step."""
+    [dG | dU] @ [W_gate; W_up], one reduction over the 2I (2S) columns."""
     I, H = weights.intermediate_dim, weights.hidden_dim
     dx_slot = new_output(preacts.routed, (num_tokens, metadata.top_k, H))
     dx_shared = new_output(preacts.routed, (num_tokens, H)) if weights.has_shared else None
