@@ -38,9 +38,9 @@ def _rows_matmul_tile(
 ):
     """out[out_rows, n-tile] = scale * (a[a_rows] @ b [+ a[a_rows, n_red:] @ b2]), fp32
     accumulate, one rounding at the end. With TWO the two products are one reduction over a's
-    2 n_red columns, whose rows of the right operand come from b, then b2: one dot per step,
-    where two dots of half the k step each took 12-18% longer (the H100, dX's routed part at
-    seed N=2048 / 8192: 161 -> 143 / 519 -> 428 us; docs/perf-notes.md). Strides of 1 are
+    2 n_red columns, whose rows of the right operand come from b, then b2: one dot per step
+    (two dots per step, each half as wide, took 15-21% longer for dX's routed part at seed
+    N = 2048-8192 on the H100; docs/perf-notes.md, "dX in one reduction"). Strides of 1 are
     specialised by Triton, so a transposed right operand costs nothing over a contiguous one."""
     n_total = 2 * n_red if TWO else n_red
     n_start = pid_n * BLOCK_N
