@@ -284,6 +284,8 @@ def launch_rows_matmul(
     if grid == 0:
         return
     two = r.b2 is not None
+    # False without TWO, where it is unread: a flag that varied there would only add compiled variants.
+    two_whole_steps = two and n_red % tiles.block_k == 0 and n_red_s % tiles.block_k == 0
     scale = topk_weights is not None
     b_args = (r.b, r.b2 if two else r.b, s.b, s.b2 if two else s.b)
     descriptors = None
@@ -299,8 +301,8 @@ def launch_rows_matmul(
         num_tokens, metadata.top_k, metadata.max_tiles, n_red, n_cols, n_red_s, n_cols_s,
         r.a.stride(0), s.a.stride(0), stride_be, stride_bk, stride_bn, stride_sbk, stride_sbn,
         r.out.stride(-2), s.out.stride(-2),
-        ROUTED=routed is not None, SHARED=shared is not None, TWO=two,
-        TWO_WHOLE_STEPS=n_red % tiles.block_k == 0 and n_red_s % tiles.block_k == 0, B_TMA=descriptors is not None,
+        ROUTED=routed is not None, SHARED=shared is not None, TWO=two, TWO_WHOLE_STEPS=two_whole_steps,
+        B_TMA=descriptors is not None,
         A_BY_TOKEN=a_by_token, OUT_BY_SLOT=out_by_slot, SCALE=scale,
         BLOCK_M=bm, TAIL_M=_tiles.tail_block_m(bm, 2 * n_red if two else n_red), BLOCK_N=bn, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_kernel_flags(r.a.dtype),
