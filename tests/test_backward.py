@@ -196,9 +196,9 @@ def test_preactivations_saved_only_when_a_backward_can_follow(device, monkeypatc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_tail_tiles_in_backward(device, monkeypatch, dtype):
-    """dY W_down runs an expert's last rows in half-height tiles where they fit (32-row tiles,
-    16-row tails here; dX keeps full-height tiles): rows on both sides of that edge, gradients as
-    the PyTorch backward's."""
+    """dY W_down and dX run an expert's last rows in half-height tiles where they fit (32-row
+    tiles, 16-row tails here): rows on both sides of that edge, gradients as the PyTorch
+    backward's."""
     from deepseek_moe_fused.kernels import _tiles
     from deepseek_moe_fused.testing import routing_with_counts
 

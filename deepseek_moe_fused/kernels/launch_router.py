@@ -181,7 +181,7 @@ def router_backward(
     sms = _num_sms(x.device)
     block_e = _expert_block(E)
     split_dx, split_dweight = split_products(weight), split_products(x)  # each GEMM's bf16 operand
-    tiles = tiles or router_backward_tiles_for(x, weight, E)
+    tiles = tiles or router_backward_tiles(E, split_dx and split_dweight)  # as router_backward_tiles_for
     block_t, block_h = tiles.block_t, tiles.block_h
     t_tiles = triton.cdiv(T, block_t)
     # H chunks per token tile until the programs fill two waves (each recomputes its tiles' grad).
