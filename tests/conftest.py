@@ -26,7 +26,17 @@ settings.register_profile("gpu", max_examples=60, **_common)
 settings.register_profile("nightly", max_examples=2000, **_common)
 # compute-sanitizer slows every launch ~100x: few examples, each still fuzzed.
 settings.register_profile("sanitize", max_examples=6, **_common)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if ON_GPU else "cpu"))
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "gpu" if ON_GPU else "cpu")
+settings.load_profile(PROFILE)
+
+
+def compile_bound(gpu_examples: int):
+    """Settings for a test whose every GPU example compiles a fresh set of kernels: random shapes
+    give new tile constants and argument specializations, and a whole layer's forward and
+    backward are a dozen kernels. At the gpu profile's 60 examples one such test ran past 400 s
+    on the H100 machine (14 workers), so that profile runs `gpu_examples`; cpu (the interpreter
+    compiles nothing) and nightly keep their counts."""
+    return settings(max_examples=gpu_examples) if PROFILE == "gpu" else settings()
 
 
 def _xdist_gpu() -> int:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import compile_bound
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from strategies import MAX_ROWS, TOKENS, assume_well_conditioned, moe_configs, num_tokens, seeds
@@ -64,6 +65,7 @@ def test_layer_matches_oracle(device, config, data, seed):
     seed=0,
 ).via("discovered failure")  # fmt: skip
 @given(config=moe_configs(dtypes=[torch.float32]), T=st.sampled_from(TOKENS), seed=seeds)
+@compile_bound(gpu_examples=20)
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_gradients_match_float64_autograd(device, backward, config, T, seed):
     """dX, every expert and shared weight, and the router weight, against autograd through the
