@@ -102,10 +102,21 @@ def test_stage1_matches_reference(device, problem):
         terms = torch.where(mine, ((x64.abs() @ gate.abs().T) * (x64.abs() @ up.abs().T))[:, None], terms)
     h_routed = F.silu(g) * u
     assume_little_cancellation(terms, h_routed, x64.shape[1])  # found by fuzzing: H=3, x ~ 1e-3, one token
+    _assume_above_underflow(h_routed, problem[0].dtype)
     _assert_matches(result.routed_by_slot(), h_routed, problem[0].dtype, "h_routed")
     if w.has_shared:
         h_shared = F.silu(x64 @ w.shared_gate.double().T) * (x64 @ w.shared_up.double().T)
+        _assume_above_underflow(h_shared, problem[0].dtype)
         _assert_matches(result.h_shared, h_shared, problem[0].dtype, "h_shared")
+
+
+def _assume_above_underflow(ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """Discard outputs that lie wholly at the dtype's underflow threshold: silu of a large negative
+    pre-activation is g e^g, -7e-39 at H = S = 1, x ~ 100 (found by fuzzing), which fp32 rounds to
+    a subnormal or zero in any implementation. Elements that underflow beside normal ones add
+    nothing measurable to the relative errors, so only whole outputs are discarded."""
+    if ref.numel():
+        assume(float(ref.norm()) > 1e3 * torch.finfo(dtype).tiny)
 
 
 @given(problem=problems())
