@@ -22,21 +22,25 @@ _common = dict(
     print_blob=True,
 )
 settings.register_profile("cpu", max_examples=40, **_common)
-settings.register_profile("gpu", max_examples=60, **_common)
+GPU_EXAMPLES = 60
+settings.register_profile("gpu", max_examples=GPU_EXAMPLES, **_common)
 settings.register_profile("nightly", max_examples=2000, **_common)
 # compute-sanitizer slows every launch ~100x: few examples, each still fuzzed.
 settings.register_profile("sanitize", max_examples=6, **_common)
-PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "gpu" if ON_GPU else "cpu")
-settings.load_profile(PROFILE)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if ON_GPU else "cpu"))
 
 
 def compile_bound(gpu_examples: int):
     """Settings for a test whose every GPU example compiles a fresh set of kernels: random shapes
     give new tile constants and argument specializations, and a whole layer's forward and
     backward are a dozen kernels. At the gpu profile's 60 examples one such test ran past 400 s
-    on the H100 machine (14 workers), so that profile runs `gpu_examples`; cpu (the interpreter
-    compiles nothing) and nightly keep their counts."""
-    return settings(max_examples=gpu_examples) if PROFILE == "gpu" else settings()
+    on the H100 machine (14 workers), so on a GPU it runs `gpu_examples` at most; the cpu tier
+    (the interpreter compiles nothing) and larger profiles (nightly) keep their counts. Read when
+    the test module is imported, after pytest's --hypothesis-profile has been applied."""
+    examples = settings.default.max_examples
+    if ON_GPU and examples <= GPU_EXAMPLES:
+        return settings(max_examples=min(examples, gpu_examples))
+    return settings()
 
 
 def _xdist_gpu() -> int:
