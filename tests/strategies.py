@@ -99,3 +99,5 @@ def assume_well_conditioned(kernel_args: tuple, ref: torch.Tensor) -> None:
 # Rows per expert (7 experts) against 32-row tiles with 16-row tails: 32 + a 16-row tail, 32 + 17
 # (one row too many for the tail), a lone tail, one row, 32 + 1, none, 32 + 32 + 1.
 TAIL_EDGE_COUNTS = [48, 49, 16, 1, 33, 0, 65]
+# The forced tiles (kernels/_tiles.py FORCE_TILES_ENV) those counts are placed against.
+TAIL_EDGE_TILES = "block_m=32,block_n=16,block_k=16,num_stages=1"

@@ -6,15 +6,16 @@ import torch
 from conftest import compile_bound
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
-from strategies import TAIL_EDGE_COUNTS, moe_configs, num_tokens, routing_kinds, seeds
+from strategies import TAIL_EDGE_COUNTS, TAIL_EDGE_TILES, moe_configs, num_tokens, routing_kinds, seeds
 
 from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig, moe_layer
 from deepseek_moe_fused._backward_torch import experts_backward
+from deepseek_moe_fused.kernels import _tiles
 from deepseek_moe_fused.kernels._alloc import poisoned_outputs
 from deepseek_moe_fused.kernels.launch import moe_experts_forward, new_preactivations, routing_metadata_for
 from deepseek_moe_fused.kernels.launch_backward import moe_experts_backward
 from deepseek_moe_fused.moe_layer import BACKWARD_ENV, backward_selected, selected_backward
-from deepseek_moe_fused.testing import TOLERANCES, make_activations, make_moe_inputs
+from deepseek_moe_fused.testing import TOLERANCES, make_activations, make_moe_inputs, routing_with_counts
 
 GRAD_NAMES = ("x", "topk_weights", "gate_up_proj", "down_proj", "shared_gate", "shared_up", "shared_down")
 
@@ -67,12 +68,13 @@ def _rounding_terms(inputs, grad_out) -> tuple[torch.Tensor, torch.Tensor]:
     dx_squares = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
 
     def add_mlp(rows, gate, up, down, row_scale):  # rows: token ids; gate, up (n, H); down (H, n)
-        g, u = x[rows] @ gate.double().T, x[rows] @ up.double().T
-        d_act = dy[rows] @ down.double()  # (rows, n)
+        gate, up, down = gate.double(), up.double(), down.double()
+        g, u = x[rows] @ gate.T, x[rows] @ up.T
+        d_act = dy[rows] @ down  # (rows, n)
         sig = torch.sigmoid(g)
         d_gate = row_scale * d_act * u * sig * (1 + g * (1 - sig))
         d_up = row_scale * d_act * g * sig
-        dx_squares.index_add_(0, rows, d_gate.square() @ gate.double().square() + d_up.square() @ up.double().square())
+        dx_squares.index_add_(0, rows, d_gate.square() @ gate.square() + d_up.square() @ up.square())
         return (g * u * d_act).abs().sum(dim=1)
 
     I = w.intermediate_dim
@@ -228,10 +230,7 @@ def test_tail_tiles_in_backward(device, monkeypatch, dtype):
     """dY W_down and dX run an expert's last rows in half-height tiles where they fit (32-row
     tiles, 16-row tails here): rows on both sides of that edge, gradients as the PyTorch
     backward's."""
-    from deepseek_moe_fused.kernels import _tiles
-    from deepseek_moe_fused.testing import routing_with_counts
-
-    monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_m=32,block_n=16,block_k=16,num_stages=1")
+    monkeypatch.setenv(_tiles.FORCE_TILES_ENV, TAIL_EDGE_TILES)
     config = MoEConfig(hidden_dim=33, intermediate_dim=17, num_experts=7, top_k=2, n_shared_experts=1, dtype=dtype)
     topk_weights, topk_ids = routing_with_counts(TAIL_EDGE_COUNTS, top_k=2, seed=6, device=device)
     _assert_gradients_match(*_run_both(config, topk_ids.shape[0], (topk_weights, topk_ids), 3, device), dtype)

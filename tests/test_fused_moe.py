@@ -7,6 +7,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from strategies import (
     TAIL_EDGE_COUNTS,
+    TAIL_EDGE_TILES,
     assume_little_cancellation,
     assume_well_conditioned,
     moe_configs,
@@ -17,10 +18,12 @@ from strategies import (
 )
 
 from deepseek_moe_fused import MoEConfig, fused_gate_up_swiglu, fused_moe_experts
+from deepseek_moe_fused.kernels import _tiles
 from deepseek_moe_fused.kernels._alloc import poisoned_outputs
 from deepseek_moe_fused.kernels.launch import ExpertWeights
 from deepseek_moe_fused.reference import naive_moe_experts, oracle_moe_experts
-from deepseek_moe_fused.testing import TOLERANCES, error_stats, make_moe_inputs
+from deepseek_moe_fused.routing_metadata import build_routing_metadata
+from deepseek_moe_fused.testing import TOLERANCES, error_stats, make_moe_inputs, routing_with_counts
 
 
 @st.composite
@@ -90,6 +93,7 @@ def test_stage1_matches_reference(device, problem):
     # each slot takes its expert's row (float64 on x's device): gathering each slot's weights as
     # (T, K, 2I, H) took up to 65 GB of host memory at the GPU tier's sizes and killed a worker.
     x64, ids = inputs.x.double(), inputs.topk_ids.long()
+    x_abs = x64.abs()
     I = w.intermediate_dim
     g = torch.zeros((*ids.shape, I), dtype=torch.float64, device=x64.device)
     u, terms = torch.zeros_like(g), torch.zeros_like(g)
@@ -99,7 +103,7 @@ def test_stage1_matches_reference(device, problem):
         g = torch.where(mine, (x64 @ gate.T)[:, None], g)
         u = torch.where(mine, (x64 @ up.T)[:, None], u)
         # |silu(g) u| <= |g| |u| <= (|x| |W_gate|) (|x| |W_up|): a product of two H-term sums.
-        terms = torch.where(mine, ((x64.abs() @ gate.abs().T) * (x64.abs() @ up.abs().T))[:, None], terms)
+        terms = torch.where(mine, ((x_abs @ gate.abs().T) * (x_abs @ up.abs().T))[:, None], terms)
     h_routed = F.silu(g) * u
     assume_little_cancellation(terms, h_routed, x64.shape[1])  # found by fuzzing: H=3, x ~ 1e-3, one token
     _assume_above_underflow(h_routed, problem[0].dtype)
@@ -255,8 +259,6 @@ def test_expert_weights_dataclass_reports_dims():
 
 def test_forced_tiles_change_the_launch_not_the_result(device, monkeypatch):
     """The tuning/gate override really reaches the kernels, which stay correct under it."""
-    from deepseek_moe_fused.kernels import _tiles
-
     inputs = make_moe_inputs(_prime_e_config(), 40, device=device)
     monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_m=32,block_n=16,block_k=16,num_stages=1")
     tiles = _tiles.expert_tiles(40, 7, 33, 17, 0, 3, interpret=False)
@@ -270,11 +272,7 @@ def test_forced_tiles_change_the_launch_not_the_result(device, monkeypatch):
 @pytest.mark.parametrize("tail", ["auto", "off"])  # "off": the full-height path the tails replace
 def test_tail_tiles_match_oracle(device, monkeypatch, dtype, tail):
     """An expert's last tile runs half height when its rows fit; rows at both sides of that edge."""
-    from deepseek_moe_fused.kernels import _tiles
-    from deepseek_moe_fused.routing_metadata import build_routing_metadata
-    from deepseek_moe_fused.testing import routing_with_counts
-
-    monkeypatch.setenv(_tiles.FORCE_TILES_ENV, "block_m=32,block_n=16,block_k=16,num_stages=1")
+    monkeypatch.setenv(_tiles.FORCE_TILES_ENV, TAIL_EDGE_TILES)
     monkeypatch.setenv(_tiles.TAIL_TILES_ENV, tail)
     assert _tiles.tail_block_m(32, 33) == (16 if tail == "auto" else 32)
     topk_weights, topk_ids = routing_with_counts(TAIL_EDGE_COUNTS, top_k=2, seed=5, device=device)
