@@ -214,6 +214,7 @@ class BackwardTiles:
     weight_grad: TileConfig
     weight_grad_tma: bool  # weight gradients read through TMA boxes where the card and layout allow
     source: str
+    weight_grad_ws: bool = False  # the weight gradients on the warp-specialized Gluon kernel instead
 
 
 # Mean rows per expert: up to SHORT_EXPERT_ROWS the weight gradients take the short-expert tiles;
@@ -222,6 +223,10 @@ class BackwardTiles:
 POINTER_ROWS = 256
 SHORT_EXPERT_ROWS = 512
 LONG_EXPERT_ROWS = 1024
+# Above this many mean rows per expert the warp-specialized kernel (launch_weight_grad_ws.py) runs
+# the weight gradients where it can: on the H100 it is 4-22% faster from 96 rows (v2-lite N=1024)
+# to 2048 (seed N=8192) and 4% slower at 48 (v2-lite N=512), docs/perf-notes.md, session 13.
+WS_MIN_ROWS = 64
 
 
 def _weight_grad_tiles(itemsize: int, rows_per_expert: float | None, tma: bool) -> tuple[TileConfig, bool]:
@@ -256,6 +261,7 @@ def backward_tiles(
     itemsize: int = 2,
     rows_per_expert: float | None = None,  # mean routed rows per expert; None: many
     tma: bool = False,  # whether the card and Triton can read TMA boxes (_tma.tma_enabled)
+    ws: bool = False,  # whether the warp-specialized weight-gradient kernel can run (ws_enabled)
 ) -> BackwardTiles:
     """dY W_down and dX are row-tiled GEMMs (the forward's down-stage shape, dX reducing over
     [dG | dU]'s 2I columns); the weight gradients are plain GEMMs over each expert's sorted rows
@@ -273,7 +279,10 @@ def backward_tiles(
     down_grad = TileConfig(block_m, block_n, 64 if wide else 32, warps, 3)
     dx = TileConfig(block_m, block_n, 64 if wide else 32, warps, 4 if wide else 3)
     weight_grad, weight_grad_tma = _weight_grad_tiles(itemsize, rows_per_expert, tma)
-    tiles = BackwardTiles(down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, weight_grad_tma, "heuristic")
+    weight_grad_ws = ws and (rows_per_expert is None or rows_per_expert > WS_MIN_ROWS)
+    tiles = BackwardTiles(
+        down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, weight_grad_tma, "heuristic", weight_grad_ws
+    )
     spec = _force_spec()
     if spec:  # the forward's override, for the two row-tiled GEMMs
         tiles = replace(

@@ -11,8 +11,9 @@ weight gradients (T*K, H). Each buffer is released after its last read, the save
 pre-activations included, so the gradients allocated last do not add to them. Launches: dY W_down
 (routed + shared), the SwiGLU backward (elementwise), dX (routed + shared) and its combine, two
 gathers and two grouped weight-gradient GEMMs (their sorted rows read as TMA boxes where experts
-have enough rows: kernels/_tiles.py `_weight_grad_tiles`); the shared MLP's weight gradients are
-dense GEMMs (cuBLAS).
+have enough rows: kernels/_tiles.py `_weight_grad_tiles`; on Hopper a warp-specialized Gluon
+kernel instead, launch_weight_grad_ws.py); the shared MLP's weight gradients are dense GEMMs
+(cuBLAS).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import _tiles, _tma
 from ._alloc import new_output
 from ._backward import _grouped_weight_grad_kernel, _swiglu_bwd_kernel
 from .launch import ExpertWeights, PreActivations, RowsMatmul, _kernel_flags, combine, launch_rows_matmul
+from .launch_weight_grad_ws import grouped_weight_grad_ws, ws_enabled
 
 
 def grouped_weight_grad(a, b, out, expert_offsets, tiles: _tiles.TileConfig, tma: bool = True):
@@ -45,6 +47,12 @@ def grouped_weight_grad(a, b, out, expert_offsets, tiles: _tiles.TileConfig, tma
         BLOCK_P=tiles.block_m, BLOCK_Q=tiles.block_n, BLOCK_R=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_kernel_flags(a.dtype),
     )  # fmt: skip
+
+
+def _weight_grad(a, b, out, expert_offsets, tiles: _tiles.TileConfig, tma: bool, ws: bool) -> None:
+    """`grouped_weight_grad`, on the warp-specialized kernel where `ws` and the layouts allow."""
+    if not (ws and grouped_weight_grad_ws(a, b, out, expert_offsets)):
+        grouped_weight_grad(a, b, out, expert_offsets, tiles, tma)
 
 
 def _down_grad_stage(dy, weights: ExpertWeights, metadata, tiles: _tiles.TileConfig):
@@ -120,9 +128,11 @@ def _weight_grad_stage(
     tiles: _tiles.TileConfig,
     tma: bool = True,
     consume: bool = False,
+    ws: bool = False,
 ):
     """d gate_up[e] = dGU_e^T X_e; d down[e] = dY_e^T (w act)_e. `consume`: release dGU's memory
     once read, before d down is allocated (the layer's backward owns it; timing tools reuse it).
+    `ws`: on the warp-specialized kernel where the layouts allow (launch_weight_grad_ws.py).
 
     X and dY are gathered into expert-sorted row order first (one buffer of (T*K, H), X's rows
     then dY's), so the grouped GEMMs read contiguous rows: on the H100 the gather costs 50 us at
@@ -131,13 +141,13 @@ def _weight_grad_stage(
     tokens = metadata.sorted_slot // metadata.top_k
     sorted_rows = new_output(x, (metadata.num_rows, x.shape[1]))
     torch.index_select(x, 0, tokens, out=sorted_rows)
-    grouped_weight_grad(dgu, sorted_rows, d_gate_up, metadata.expert_offsets, tiles, tma)
+    _weight_grad(dgu, sorted_rows, d_gate_up, metadata.expert_offsets, tiles, tma, ws)
     if consume:
         _release(dgu)
     d_down = new_output(weights.down_proj, weights.down_proj.shape)  # after the release: not beside dGU
     # Same buffer: the stream runs the GEMM above before this overwrites its operand.
     torch.index_select(dy, 0, tokens, out=sorted_rows)
-    grouped_weight_grad(sorted_rows, act_routed, d_down, metadata.expert_offsets, tiles, tma)
+    _weight_grad(sorted_rows, act_routed, d_down, metadata.expert_offsets, tiles, tma, ws)
     return d_gate_up, d_down
 
 
@@ -174,7 +184,7 @@ def moe_experts_backward(
         rows_per_expert = metadata.num_rows / max(weights.num_experts, 1)
         tiles = _tiles.backward_tiles(
             metadata.block_m, H, inner, interpreter_active(), x.element_size(), rows_per_expert,
-            _tma.tma_enabled(x.device),
+            _tma.tma_enabled(x.device), ws_enabled(x.device, x.dtype),
         )  # fmt: skip
     act_routed, act_shared = _down_grad_stage(dy, weights, metadata, tiles.down_grad)
     d_topk = _swiglu_backward_stage(act_routed, act_shared, flat_weights, metadata, preacts, tiles.swiglu)
@@ -188,6 +198,7 @@ def moe_experts_backward(
         _release(preacts.shared)
     del act_shared
     d_gate_up, d_down = _weight_grad_stage(
-        x, dy, preacts.routed, act_routed, weights, metadata, tiles.weight_grad, tiles.weight_grad_tma, consume=True
-    )
+        x, dy, preacts.routed, act_routed, weights, metadata, tiles.weight_grad, tiles.weight_grad_tma,
+        consume=True, ws=tiles.weight_grad_ws,
+    )  # fmt: skip
     return (dx, d_topk.view(topk_weights.shape).to(topk_weights.dtype), d_gate_up, d_down, *shared_grads)

@@ -1,0 +1,97 @@
+"""Launcher of the warp-specialized weight-gradient kernel (kernels/_weight_grad_ws.py), and where
+it runs: a Hopper card (sm_90: wgmma), 16-bit operands, a Triton whose Gluon API this kernel was
+written and measured against, and operands whose layout TMA accepts. Everywhere else, and with
+`DEEPSEEK_MOE_WGRAD_WS=off`, the weight gradients run on the Triton kernel of _backward.py."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from .._env import env_choice
+from .._interpret import interpreter_active
+
+WS_ENV = "DEEPSEEK_MOE_WGRAD_WS"  # "auto" (default) or "off"
+# Gluon is experimental and its API has changed between releases (warp_specialize's signature,
+# for one): the kernel is enabled on the releases it was measured on.
+VERIFIED_TRITON = ("3.6.",)
+# Output tile (BLOCK_P, BLOCK_Q), rows per step, ring stages: the best of the configurations
+# measured on the H100 (docs/perf-notes.md, session 13); 6 stages of two 16 KB boxes and one 32 KB
+# output tile fill 224 KB of the 227 KB of shared memory a block may take.
+BLOCK_P, BLOCK_Q, BLOCK_R, STAGES = 128, 128, 64, 6
+_ALIGN_BYTES = 16
+
+
+@functools.cache
+def _gluon_kernel():
+    """The Gluon kernel, or None where this Triton is not a verified release or has no Gluon."""
+    if not triton.__version__.startswith(VERIFIED_TRITON):
+        return None
+    try:
+        from ._weight_grad_ws import _grouped_weight_grad_ws_kernel
+    except ImportError:
+        return None
+    return _grouped_weight_grad_ws_kernel
+
+
+@functools.cache
+def _is_hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def ws_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `grouped_weight_grad_ws` can run for operands of `dtype` on `device`."""
+    if env_choice(WS_ENV, ("auto", "off"), "auto") == "off":
+        return False
+    if interpreter_active() or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return _is_hopper(device.index if device.index is not None else 0) and _gluon_kernel() is not None
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Contiguous rows, 16-byte aligned base and row pitch: what a TMA descriptor needs."""
+    return (
+        t.stride(-1) == 1
+        and t.data_ptr() % _ALIGN_BYTES == 0
+        and all((s * t.element_size()) % _ALIGN_BYTES == 0 for s in t.stride()[:-1])
+    )
+
+
+def grouped_weight_grad_ws(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, expert_offsets: torch.Tensor) -> bool:
+    """out[e] = a_e^T b_e over each expert's sorted rows (expert_offsets[e] to expert_offsets[e + 1])
+    on the warp-specialized kernel. a: (T*K, P), b: (T*K, Q), out: (E, P, Q), one 16-bit dtype.
+    Returns False, launching nothing, where a layout breaks TMA's rules (the caller then runs the
+    Triton kernel); call only where `ws_enabled`."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if not (a.dtype == b.dtype == out.dtype and a.dim() == b.dim() == 2 and out.dim() == 3):
+        raise ValueError(f"a, b, out: 2-D, 2-D, 3-D of one dtype, got {a.shape} {b.shape} {out.shape}")
+    if not all(_tma_ready(t) for t in (a, b, out)):
+        return False
+    E, P, Q = out.shape
+    n_p, n_q = triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q)
+    num_tiles = E * n_p * n_q
+    if num_tiles == 0:
+        return True
+    if a.shape[0] == 0:  # no rows to reduce over (a descriptor needs a positive extent)
+        out.zero_()
+        return True
+    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[a.dtype]
+
+    def descriptor(t, box):
+        return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, element))
+
+    device_index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    _gluon_kernel()[(min(num_tiles, _num_sms(device_index)),)](
+        descriptor(a, [BLOCK_R, BLOCK_P]), descriptor(b, [BLOCK_R, BLOCK_Q]), descriptor(out, [1, BLOCK_P, BLOCK_Q]),
+        expert_offsets, num_tiles, n_p, n_q, STAGES=STAGES, num_warps=4,
+    )  # fmt: skip
+    return True

@@ -1,0 +1,125 @@
+"""The warp-specialized weight-gradient kernel (kernels/_weight_grad_ws.py, Gluon on Hopper)
+against the float64 oracle, and the rule of where it runs. Gluon has no interpreter, so the
+kernel's tests need a Hopper GPU; the CPU tier runs the rule's tests and the Triton twin
+(test_tma.py, test_backward.py)."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deepseek_moe_fused import MoEConfig
+from deepseek_moe_fused._env import env_set
+from deepseek_moe_fused.benchmark import make_layer
+from deepseek_moe_fused.kernels import _tiles, launch_backward
+from deepseek_moe_fused.kernels import launch_weight_grad_ws as ws
+from deepseek_moe_fused.kernels._alloc import new_output, poisoned_outputs
+from deepseek_moe_fused.testing import TOLERANCES, error_stats, make_activations
+
+
+def _skip_unless_ws(device, dtype=torch.bfloat16):
+    if not ws.ws_enabled(device, dtype):
+        pytest.skip(f"the warp-specialized kernel needs a Hopper GPU (sm_90) and Triton {ws.VERIFIED_TRITON}")
+
+
+def _weight_grad_ws_vs_oracle(device, counts, P, Q, dtype):
+    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=device)
+    rows = sum(counts)
+    a = make_activations(rows, P, seed=1, dtype=dtype, device=device)
+    b = make_activations(rows, Q, seed=2, dtype=dtype, device=device)
+    with poisoned_outputs():
+        out = new_output(a, (len(counts), P, Q))
+    assert ws.grouped_weight_grad_ws(a, b, out, offsets)
+    bounds = offsets.tolist()
+    want = torch.stack([a[lo:hi].double().T @ b[lo:hi].double() for lo, hi in itertools.pairwise(bounds)])
+    return error_stats(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("counts", "P", "Q"),
+    [
+        ([0, 1, 63, 64, 65, 200, 0, 300], 200, 136),  # empty, one row, each side of the 64-row step; P, Q off the tile
+        ([96] * 5, 256, 128),  # every expert ends mid-step: its partial box holds the next expert's rows
+        ([700, 3], 2816, 2048),  # v2-lite's d gate_up; the last partial box runs past the matrix
+        ([0, 0, 0], 128, 128),  # no rows at all: zeros
+    ],
+)  # fmt: skip
+def test_matches_oracle(device, counts, P, Q, dtype):
+    _skip_unless_ws(device, dtype)
+    stats = _weight_grad_ws_vs_oracle(device, counts, P, Q, dtype)
+    assert stats.within(TOLERANCES[dtype]), stats
+
+
+@pytest.mark.gpu
+@given(
+    counts=st.lists(st.integers(0, 300), min_size=1, max_size=9),
+    P=st.integers(1, 48).map(lambda n: 8 * n),  # TMA needs 16-byte rows: multiples of 8 elements
+    Q=st.integers(1, 48).map(lambda n: 8 * n),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+)
+def test_fuzzed_routings_match_oracle(device, counts, P, Q, dtype):
+    _skip_unless_ws(device, dtype)
+    stats = _weight_grad_ws_vs_oracle(device, counts, P, Q, dtype)
+    assert stats.within(TOLERANCES[dtype]), stats
+
+
+@pytest.mark.gpu
+def test_misaligned_rows_fall_back(device):
+    _skip_unless_ws(device)
+    a = make_activations(10, 20, dtype=torch.bfloat16, device=device)  # 40-byte rows
+    b = make_activations(10, 16, dtype=torch.bfloat16, device=device)
+    out = torch.zeros(2, 20, 16, dtype=torch.bfloat16, device=device)
+    offsets = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
+    assert not ws.grouped_weight_grad_ws(a, b, out, offsets)
+    assert not out.any()  # nothing launched
+
+
+@pytest.mark.gpu
+def test_layer_backward_runs_it_and_matches_the_triton_kernel(device, monkeypatch):
+    _skip_unless_ws(device)
+    calls = []
+    launcher = launch_backward.grouped_weight_grad_ws
+    monkeypatch.setattr(launch_backward, "grouped_weight_grad_ws", lambda *args: calls.append(1) or launcher(*args))
+    config = MoEConfig(256, 192, 4, 2, n_shared_experts=1, dtype=torch.bfloat16)
+    layer = make_layer(config, device, seed=0)
+    x = make_activations(512, 256, seed=3, device=device)  # 256 rows per expert: above WS_MIN_ROWS
+    grads = {}
+    for choice in ("auto", "off"):
+        layer.zero_grad(set_to_none=True)
+        with env_set(ws.WS_ENV, choice):
+            layer(x).float().square().sum().backward()
+        grads[choice] = (layer.experts.gate_up_proj.grad.clone(), layer.experts.down_proj.grad.clone())
+    assert len(calls) == 2  # d gate_up and d down, in the "auto" step only
+    for got, want in zip(grads["auto"], grads["off"], strict=True):
+        # Same rows, same fp32 accumulation; the two kernels step over them 64 and 32 rows at a time.
+        stats = error_stats(got, want.double())
+        assert stats.within(TOLERANCES[torch.bfloat16]), stats
+
+
+def test_runs_only_where_it_was_built_for(device):
+    assert not ws.ws_enabled(torch.device("cpu"), torch.bfloat16)
+    assert not ws.ws_enabled(device, torch.float32)  # wgmma on 16-bit operands only
+    with env_set(ws.WS_ENV, "off"):
+        assert not ws.ws_enabled(device, torch.bfloat16)
+    with env_set(ws.WS_ENV, "always"), pytest.raises(ValueError, match=ws.WS_ENV):
+        ws.ws_enabled(device, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("rows_per_expert", "runs"),
+    [
+        (48, False),  # v2-lite N=512: measured 4% slower than the Triton kernel
+        (96, True),  # v2-lite N=1024
+        (2048, True),  # seed N=8192
+        (None, True),  # unknown: many rows
+    ],
+)
+def test_backward_tiles_pick_it_above_the_measured_edge(monkeypatch, rows_per_expert, runs):
+    monkeypatch.delenv(_tiles.FORCE_TILES_ENV, raising=False)
+    tiles = _tiles.backward_tiles(128, 2048, 1408, False, 2, rows_per_expert, tma=True, ws=True)
+    assert tiles.weight_grad_ws == runs
+    assert not _tiles.backward_tiles(128, 2048, 1408, False, 2, rows_per_expert, tma=True, ws=False).weight_grad_ws
