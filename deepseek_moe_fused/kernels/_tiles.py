@@ -223,10 +223,13 @@ class BackwardTiles:
 POINTER_ROWS = 256
 SHORT_EXPERT_ROWS = 512
 LONG_EXPERT_ROWS = 1024
-# Above this many mean rows per expert the warp-specialized kernel (launch_weight_grad_ws.py) runs
-# the weight gradients where it can: on the H100 it is 4-22% faster from 96 rows (v2-lite N=1024)
-# to 2048 (seed N=8192) and 4% slower at 48 (v2-lite N=512), docs/perf-notes.md, session 13.
+# Between these mean rows per expert (the lower bound excluded) the warp-specialized kernel
+# (launch_weight_grad_ws.py) runs the weight gradients where it can. On the H100 it was 5-22%
+# faster alone from 96 rows (v2-lite N=1024) to 2048 (seed N=8192) and 4% slower at 48 (v2-lite
+# N=512); in the training step it took 19-146 us off at 96-768 rows, while at 1536-4096 rows
+# (v2-lite / seed N=16384) the steps stayed within their spread (docs/perf-notes.md, session 13).
 WS_MIN_ROWS = 64
+WS_MAX_ROWS = 2048
 
 
 def _weight_grad_tiles(itemsize: int, rows_per_expert: float | None, tma: bool) -> tuple[TileConfig, bool]:
@@ -279,7 +282,7 @@ def backward_tiles(
     down_grad = TileConfig(block_m, block_n, 64 if wide else 32, warps, 3)
     dx = TileConfig(block_m, block_n, 64 if wide else 32, warps, 4 if wide else 3)
     weight_grad, weight_grad_tma = _weight_grad_tiles(itemsize, rows_per_expert, tma)
-    weight_grad_ws = ws and (rows_per_expert is None or rows_per_expert > WS_MIN_ROWS)
+    weight_grad_ws = ws and rows_per_expert is not None and WS_MIN_ROWS < rows_per_expert <= WS_MAX_ROWS
     tiles = BackwardTiles(
         down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, weight_grad_tma, "heuristic", weight_grad_ws
     )
