@@ -6,6 +6,7 @@ Shape legend: T=tokens, E=experts, K=top_k, H=hidden, I=intermediate, S=shared i
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -64,6 +65,16 @@ def oracle_moe_experts(
     (Dense float64 over all experts is E times the routed work: on a GPU tier's shapes the CPU
     took minutes per test; a GPU's float64 is IEEE too.)"""
     return _dense_oracle(x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared)
+
+
+def oracle_grouped_weight_grad(
+    a: torch.Tensor,  # (R, P) rows sorted by expert
+    b: torch.Tensor,  # (R, Q) the same rows
+    expert_offsets: torch.Tensor,  # (E+1,) each expert's first row, then R
+) -> torch.Tensor:
+    """float64 (E, P, Q): a_e^T b_e over each expert's rows, the weight gradients' ground truth."""
+    bounds = expert_offsets.tolist()
+    return torch.stack([a[lo:hi].double().T @ b[lo:hi].double() for lo, hi in itertools.pairwise(bounds)])
 
 
 def oracle_magnitude(x, topk_weights, topk_ids, gate_up_proj, down_proj, *shared) -> torch.Tensor:

@@ -129,6 +129,17 @@ def nearest_batch(measured: list[str], num_tokens: int) -> str:
 
 
 @functools.cache
+def num_sms(device) -> int:
+    """Streaming multiprocessors of `device` (a torch.device); 132 off CUDA, where the interpreter
+    gets the tiles an H100 would."""
+    import torch
+
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
 def _device_entry() -> tuple[str, dict]:
     import torch
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -14,6 +13,7 @@ from ..config import MoEConfig
 from ._alloc import new_output
 from ._router import _router_logits_kernel, _router_select_kernel
 from ._router_backward import _router_bwd_rows_kernel, _router_bwd_weight_kernel
+from ._tiles import num_sms
 
 # Every expert's logits of a token tile fit one program's registers up to this many (padded to a
 # power of two) experts: then the selection can run in the GEMM's epilogue, one launch.
@@ -81,13 +81,6 @@ def router_backward_tiles_for(x: torch.Tensor, weight: torch.Tensor, num_experts
     return router_backward_tiles(num_experts, split_products(weight) and split_products(x))
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter: tiles as an H100 would get them
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def route_tokens(
     x: torch.Tensor,  # (T, H)
     weight: torch.Tensor,  # (E, H) router weight
@@ -127,7 +120,7 @@ def route_tokens(
         BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_G=max(16, triton.next_power_of_2(config.n_group)),
     )  # fmt: skip
     bias = e_score_correction_bias if e_score_correction_bias is not None else logits  # unread without HAS_BIAS
-    tiles = tiles or router_tiles(T, E, H, _num_sms(x.device))
+    tiles = tiles or router_tiles(T, E, H, num_sms(x.device))
     if tiles.one_launch and (tiles.split_h != 1 or tiles.block_e < E):
         raise ValueError(f"one launch needs split_h 1 and block_e >= {E} experts, got {tiles}")
     block_h = tiles.block_h
@@ -178,7 +171,7 @@ def router_backward(
     dx = new_output(x, (T, H)) if need_dx else None
     if T == 0:
         return dx, torch.zeros_like(weight) if need_dweight else None
-    sms = _num_sms(x.device)
+    sms = num_sms(x.device)
     block_e = _expert_block(E)
     split_dx, split_dweight = split_products(weight), split_products(x)  # each GEMM's bf16 operand
     tiles = tiles or router_backward_tiles(E, split_dx and split_dweight)  # as router_backward_tiles_for

@@ -12,6 +12,8 @@ import triton
 
 from .._env import env_choice
 from .._interpret import interpreter_active
+from . import _tma
+from ._tiles import num_sms
 
 WS_ENV = "DEEPSEEK_MOE_WGRAD_WS"  # "auto" (default) or "off"
 # Gluon is experimental and its API has changed between releases (warp_specialize's signature,
@@ -21,7 +23,6 @@ VERIFIED_TRITON = ("3.6.",)
 # measured on the H100 (docs/perf-notes.md, session 13); 6 stages of two 16 KB boxes and one 32 KB
 # output tile fill 224 KB of the 227 KB of shared memory a block may take.
 BLOCK_P, BLOCK_Q, BLOCK_R, STAGES = 128, 128, 64, 6
-_ALIGN_BYTES = 16
 
 
 @functools.cache
@@ -37,13 +38,8 @@ def _gluon_kernel():
 
 
 @functools.cache
-def _is_hopper(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) == (9, 0)
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _is_hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def ws_enabled(device: torch.device, dtype: torch.dtype) -> bool:
@@ -52,16 +48,7 @@ def ws_enabled(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     if interpreter_active() or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
-    return _is_hopper(device.index if device.index is not None else 0) and _gluon_kernel() is not None
-
-
-def _tma_ready(t: torch.Tensor) -> bool:
-    """Contiguous rows, 16-byte aligned base and row pitch: what a TMA descriptor needs."""
-    return (
-        t.stride(-1) == 1
-        and t.data_ptr() % _ALIGN_BYTES == 0
-        and all((s * t.element_size()) % _ALIGN_BYTES == 0 for s in t.stride()[:-1])
-    )
+    return _is_hopper(device) and _gluon_kernel() is not None
 
 
 def grouped_weight_grad_ws(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, expert_offsets: torch.Tensor) -> bool:
@@ -74,7 +61,7 @@ def grouped_weight_grad_ws(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, 
 
     if not (a.dtype == b.dtype == out.dtype and a.dim() == b.dim() == 2 and out.dim() == 3):
         raise ValueError(f"a, b, out: 2-D, 2-D, 3-D of one dtype, got {a.shape} {b.shape} {out.shape}")
-    if not all(_tma_ready(t) for t in (a, b, out)):
+    if any(_tma.rows_of(t) is None for t in (a, b, out)):  # TMA's alignment rules
         return False
     E, P, Q = out.shape
     n_p, n_q = triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q)
@@ -89,8 +76,7 @@ def grouped_weight_grad_ws(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, 
     def descriptor(t, box):
         return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, element))
 
-    device_index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    _gluon_kernel()[(min(num_tiles, _num_sms(device_index)),)](
+    _gluon_kernel()[(min(num_tiles, num_sms(a.device)),)](
         descriptor(a, [BLOCK_R, BLOCK_P]), descriptor(b, [BLOCK_R, BLOCK_Q]), descriptor(out, [1, BLOCK_P, BLOCK_Q]),
         expert_offsets, num_tiles, n_p, n_q, STAGES=STAGES, num_warps=4,
     )  # fmt: skip
