@@ -215,6 +215,22 @@ class ElementwiseTiles:
 
 
 @dataclass(frozen=True)
+class WeightGradWsTiles:
+    """The warp-specialized weight-gradient kernel's ring (launch_weight_grad_ws.py); its output
+    tile is 128 x 128."""
+
+    block_r: int  # expert rows per ring stage: one TMA box of a and one of b
+    stages: int  # ring depth
+    mma_groups: int  # MMA warpgroups taking the output tiles in turn (2: ping-pong)
+
+
+# Both fill the 227 KB of shared memory a block may take: 6 stages of two 16 KB boxes and one
+# 32 KB output tile; 10 stages of two 8 KB boxes and one output tile per warpgroup.
+WS_ONE_GROUP = WeightGradWsTiles(64, 6, 1)
+WS_PING_PONG = WeightGradWsTiles(32, 10, 2)
+
+
+@dataclass(frozen=True)
 class BackwardTiles:
     """Tiles of the backward kernels. In `weight_grad`, block_m/block_n are the output tile
     (rows of d W, columns of d W) and block_k the step over an expert's token rows."""
@@ -225,7 +241,7 @@ class BackwardTiles:
     weight_grad: TileConfig
     weight_grad_tma: bool  # weight gradients read through TMA boxes where the card and layout allow
     source: str
-    weight_grad_ws: bool = False  # the weight gradients on the warp-specialized Gluon kernel instead
+    weight_grad_ws: WeightGradWsTiles | None = None  # the weight gradients on the Gluon kernel instead
 
 
 # Mean rows per expert: up to SHORT_EXPERT_ROWS the weight gradients take the short-expert tiles;
@@ -241,6 +257,20 @@ LONG_EXPERT_ROWS = 1024
 # (v2-lite / seed N=16384) the steps stayed within their spread (docs/perf-notes.md, session 13).
 WS_MIN_ROWS = 64
 WS_MAX_ROWS = 2048
+# Between these (the lower bound excluded) two MMA warpgroups take the tiles in turn. On the H100
+# the two GEMMs ran 3-9% faster that way at 192-768 rows (v2-lite N = 2048-8192), as fast at 128
+# and 512 (seed N = 512, 2048), 6% slower at 96 and 10% slower at 2048 (docs/perf-notes.md,
+# session 14).
+PING_PONG_MIN_ROWS = 128
+PING_PONG_MAX_ROWS = 1024
+
+
+def _weight_grad_ws_tiles(rows_per_expert: float | None, ws: bool) -> WeightGradWsTiles | None:
+    if not ws or rows_per_expert is None or not WS_MIN_ROWS < rows_per_expert <= WS_MAX_ROWS:
+        return None
+    if PING_PONG_MIN_ROWS < rows_per_expert <= PING_PONG_MAX_ROWS:
+        return WS_PING_PONG
+    return WS_ONE_GROUP
 
 
 def _weight_grad_tiles(itemsize: int, rows_per_expert: float | None, tma: bool) -> tuple[TileConfig, bool]:
@@ -293,7 +323,7 @@ def backward_tiles(
     down_grad = TileConfig(block_m, block_n, 64 if wide else 32, warps, 3)
     dx = TileConfig(block_m, block_n, 64 if wide else 32, warps, 4 if wide else 3)
     weight_grad, weight_grad_tma = _weight_grad_tiles(itemsize, rows_per_expert, tma)
-    weight_grad_ws = ws and rows_per_expert is not None and WS_MIN_ROWS < rows_per_expert <= WS_MAX_ROWS
+    weight_grad_ws = _weight_grad_ws_tiles(rows_per_expert, ws)
     tiles = BackwardTiles(
         down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, weight_grad_tma, "heuristic", weight_grad_ws
     )

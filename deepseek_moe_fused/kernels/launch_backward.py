@@ -49,9 +49,11 @@ def grouped_weight_grad(a, b, out, expert_offsets, tiles: _tiles.TileConfig, tma
     )  # fmt: skip
 
 
-def _weight_grad(a, b, out, expert_offsets, tiles: _tiles.TileConfig, tma: bool, ws: bool) -> None:
-    """`grouped_weight_grad`, on the warp-specialized kernel where `ws` and the layouts allow."""
-    if not (ws and grouped_weight_grad_ws(a, b, out, expert_offsets)):
+def _weight_grad(
+    a, b, out, expert_offsets, tiles: _tiles.TileConfig, tma: bool, ws: _tiles.WeightGradWsTiles | None
+) -> None:
+    """`grouped_weight_grad`, on the warp-specialized kernel where `ws` is given and the layouts allow."""
+    if not (ws is not None and grouped_weight_grad_ws(a, b, out, expert_offsets, ws)):
         grouped_weight_grad(a, b, out, expert_offsets, tiles, tma)
 
 
@@ -128,11 +130,12 @@ def _weight_grad_stage(
     tiles: _tiles.TileConfig,
     tma: bool = True,
     consume: bool = False,
-    ws: bool = False,
+    ws: _tiles.WeightGradWsTiles | None = None,
 ):
     """d gate_up[e] = dGU_e^T X_e; d down[e] = dY_e^T (w act)_e. `consume`: release dGU's memory
     once read, before d down is allocated (the layer's backward owns it; timing tools reuse it).
-    `ws`: on the warp-specialized kernel where the layouts allow (launch_weight_grad_ws.py).
+    `ws`: on the warp-specialized kernel with this ring where the layouts allow
+    (launch_weight_grad_ws.py).
 
     X and dY are gathered into expert-sorted row order first (one buffer of (T*K, H), X's rows
     then dY's), so the grouped GEMMs read contiguous rows: on the H100 the gather costs 50 us at

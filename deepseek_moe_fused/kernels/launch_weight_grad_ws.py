@@ -13,16 +13,15 @@ import triton
 from .._env import env_choice
 from .._interpret import interpreter_active
 from . import _tma
-from ._tiles import num_sms
+from ._tiles import WS_ONE_GROUP, WeightGradWsTiles, num_sms
 
 WS_ENV = "DEEPSEEK_MOE_WGRAD_WS"  # "auto" (default) or "off"
 # Gluon is experimental and its API has changed between releases (warp_specialize's signature,
 # for one): the kernel is enabled on the releases it was measured on.
 VERIFIED_TRITON = ("3.6.",)
-# Output tile (BLOCK_P, BLOCK_Q), rows per step, ring stages: the best of the configurations
-# measured on the H100 (docs/perf-notes.md, session 13); 6 stages of two 16 KB boxes and one 32 KB
-# output tile fill 224 KB of the 227 KB of shared memory a block may take.
-BLOCK_P, BLOCK_Q, BLOCK_R, STAGES = 128, 128, 64, 6
+# Output tile (BLOCK_P, BLOCK_Q): the size measured best on the H100 (docs/perf-notes.md, session
+# 13); the ring is a `WeightGradWsTiles` (_tiles.py).
+BLOCK_P, BLOCK_Q = 128, 128
 
 
 @functools.cache
@@ -51,11 +50,19 @@ def ws_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     return _is_hopper(device) and _gluon_kernel() is not None
 
 
-def grouped_weight_grad_ws(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, expert_offsets: torch.Tensor) -> bool:
+def grouped_weight_grad_ws(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    tiles: WeightGradWsTiles = WS_ONE_GROUP,
+) -> bool:
     """out[e] = a_e^T b_e over each expert's sorted rows (expert_offsets[e] to expert_offsets[e + 1])
     on the warp-specialized kernel. a: (T*K, P), b: (T*K, Q), out: (E, P, Q), one 16-bit dtype.
     Returns False, launching nothing, where a layout breaks TMA's rules (the caller then runs the
     Triton kernel); call only where `ws_enabled`."""
+    if tiles.mma_groups not in (1, 2):
+        raise ValueError(f"tiles.mma_groups: 1 or 2 MMA warpgroups, got {tiles.mma_groups}")
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -77,7 +84,8 @@ def grouped_weight_grad_ws(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, 
         return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, element))
 
     _gluon_kernel()[(min(num_tiles, num_sms(a.device)),)](
-        descriptor(a, [BLOCK_R, BLOCK_P]), descriptor(b, [BLOCK_R, BLOCK_Q]), descriptor(out, [1, BLOCK_P, BLOCK_Q]),
-        expert_offsets, num_tiles, n_p, n_q, STAGES=STAGES, num_warps=4,
+        descriptor(a, [tiles.block_r, BLOCK_P]), descriptor(b, [tiles.block_r, BLOCK_Q]),
+        descriptor(out, [1, BLOCK_P, BLOCK_Q]), expert_offsets, num_tiles, n_p, n_q,
+        STAGES=tiles.stages, GROUPS=tiles.mma_groups, num_warps=4,
     )  # fmt: skip
     return True
