@@ -9,9 +9,9 @@ from strategies import MAX_ROWS, TOKENS, assume_well_conditioned, moe_configs, n
 
 from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig
 from deepseek_moe_fused.moe_layer import BACKWARDS, backward_selected
-from deepseek_moe_fused.reference import oracle_moe_experts, oracle_topk_weights
+from deepseek_moe_fused.reference import naive_moe_experts, oracle_moe_experts, oracle_topk_weights
 from deepseek_moe_fused.router import router_selected
-from deepseek_moe_fused.testing import TOLERANCES, error_stats
+from deepseek_moe_fused.testing import TOLERANCES, Tolerance, error_stats
 
 
 def _layer(config, device, seed):
@@ -51,7 +51,18 @@ def test_layer_matches_oracle(device, config, data, seed):
     assume_well_conditioned((x, weights64, topk_ids, layer.experts.gate_up_proj, layer.experts.down_proj,
                              *_shared(layer)), ref)  # fmt: skip
     stats = error_stats(out, ref)
-    assert stats.within(TOLERANCES[config.dtype]), stats
+    tolerance = TOLERANCES[config.dtype]
+    if not stats.within(tolerance):
+        # Found by fuzzing on the GPU: fp16, H=3, one token, terms 14x the typical cancellation. The
+        # kernel missed the table (rel_norm 4.10e-3) and PyTorch's own loop in fp16 did too (3.97e-3):
+        # the data, not the kernel. Past the table, come within 1.5x of that loop's error (the
+        # kernel's median over 400 such draws was 0.73x the loop's).
+        naive = error_stats(naive_moe_experts(x, weights64.to(config.dtype), topk_ids, layer.experts.gate_up_proj,
+                                              layer.experts.down_proj, *_shared(layer)), ref)  # fmt: skip
+        tolerance = Tolerance(
+            max(tolerance.rel_norm, 1.5 * naive.rel_norm), max(tolerance.rel_max, 1.5 * naive.rel_max)
+        )
+    assert stats.within(tolerance), (stats, tolerance)
 
 
 # Found by fuzzing: top_k=1 with norm_topk_prob makes the routing weight a constant, so the router
