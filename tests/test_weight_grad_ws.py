@@ -48,7 +48,7 @@ RINGS = [
 @pytest.mark.parametrize(
     ("counts", "P", "Q"),
     [
-        ([0, 1, 63, 64, 65, 200, 0, 300], 200, 136),  # empty, one row, each side of the 64-row step; P, Q off the tile
+        ([0, 1, 63, 64, 65, 200, 0, 300], 200, 136),  # empty, one row, both sides of a 32- or 64-row step; P,Q off tile
         ([96] * 5, 256, 128),  # every expert ends mid-step: its partial box holds the next expert's rows
         ([700, 3], 2816, 2048),  # v2-lite's d gate_up; the last partial box runs past the matrix
         ([0, 0, 0], 128, 128),  # no rows at all: zeros
