@@ -223,6 +223,10 @@ class WeightGradWsTiles:
     stages: int  # ring depth
     mma_groups: int  # MMA warpgroups taking the output tiles in turn (2: ping-pong)
 
+    def __post_init__(self) -> None:
+        if self.mma_groups not in (1, 2):  # the kernel is built for one warpgroup or a pair
+            raise ValueError(f"WeightGradWsTiles.mma_groups: 1 or 2 MMA warpgroups, got {self.mma_groups}")
+
 
 # Both fill the 227 KB of shared memory a block may take: 6 stages of two 16 KB boxes and one
 # 32 KB output tile; 10 stages of two 8 KB boxes and one output tile per warpgroup.

@@ -61,8 +61,6 @@ def grouped_weight_grad_ws(
     on the warp-specialized kernel. a: (T*K, P), b: (T*K, Q), out: (E, P, Q), one 16-bit dtype.
     Returns False, launching nothing, where a layout breaks TMA's rules (the caller then runs the
     Triton kernel); call only where `ws_enabled`."""
-    if tiles.mma_groups not in (1, 2):
-        raise ValueError(f"tiles.mma_groups: 1 or 2 MMA warpgroups, got {tiles.mma_groups}")
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
