@@ -34,12 +34,48 @@ class TileConfig:
 
 
 @dataclass(frozen=True)
+class RowsWsTiles:
+    """The warp-specialized row-tiled GEMM's tiles (launch_rows_matmul_ws.py); its tile height is
+    the routing metadata's."""
+
+    block_n: int  # output columns per work item
+    block_k: int  # reduction step: one TMA box of the rows and one of the weight
+    stages: int  # ring depth
+    mma_groups: int  # MMA partitions: 1 (of block_m // 16 warps) or 2 (of 4 warps each)
+    split_rows: bool = False  # with 2: each owns half of every item's rows, else they take items in turn
+
+    def __post_init__(self) -> None:
+        if self.mma_groups not in (1, 2):  # the kernel is built for one partition or a pair
+            raise ValueError(f"RowsWsTiles.mma_groups: 1 or 2 MMA partitions, got {self.mma_groups}")
+        if self.split_rows and self.mma_groups != 2:
+            raise ValueError("RowsWsTiles.split_rows needs mma_groups=2")
+
+
+# From this many mean rows per expert, dX and the forward's down projection run on the
+# warp-specialized row-tiled GEMM where it can (launch_rows_matmul_ws.py). On the H100 it was 5%
+# (dX) and 5-17% (down) faster at 1536 rows (v2-lite N=16384) over three runs, and within the
+# runs' spread of the Triton kernel from 192 to 2048 rows; slower at 48-128 rows and on
+# DeepSeek-V3's down projection at 64-256 rows (docs/perf-notes.md, session 15).
+ROWS_WS_MIN_ROWS = 1536
+ROWS_WS = RowsWsTiles(256, 64, 3, 1)
+
+
+def rows_ws_tiles(rows_per_expert: float | None, enabled: bool) -> RowsWsTiles | None:
+    """The warp-specialized row-tiled GEMM's tiles where the rule picks it (`enabled`: the card
+    and Triton can run it, launch_rows_matmul_ws.rows_ws_enabled); None for the Triton kernel."""
+    if not enabled or rows_per_expert is None or rows_per_expert < ROWS_WS_MIN_ROWS:
+        return None
+    return ROWS_WS
+
+
+@dataclass(frozen=True)
 class ExpertTiles:
     """Both stages' tiles for one problem; they share block_m (the routing metadata's tile height)."""
 
     gate_up: TileConfig
     down: TileConfig
     source: str  # "tuned (<card>)", "heuristic" or "interpreter": the benchmark prints it
+    down_ws: RowsWsTiles | None = None  # the down projection on the warp-specialized kernel instead
 
     @property
     def block_m(self) -> int:
@@ -246,6 +282,7 @@ class BackwardTiles:
     weight_grad_tma: bool  # weight gradients read through TMA boxes where the card and layout allow
     source: str
     weight_grad_ws: WeightGradWsTiles | None = None  # the weight gradients on the Gluon kernel instead
+    dx_ws: RowsWsTiles | None = None  # dX on the warp-specialized row-tiled GEMM instead
 
 
 # Mean rows per expert: up to SHORT_EXPERT_ROWS the weight gradients take the short-expert tiles;
@@ -310,6 +347,7 @@ def backward_tiles(
     rows_per_expert: float | None = None,  # mean routed rows per expert; None: many
     tma: bool = False,  # whether the card and Triton can read TMA boxes (_tma.tma_enabled)
     ws: bool = False,  # whether the warp-specialized weight-gradient kernel can run (ws_enabled)
+    rows_ws: bool = False,  # whether the warp-specialized row-tiled GEMM can run (rows_ws_enabled)
 ) -> BackwardTiles:
     """dY W_down and dX are row-tiled GEMMs (the forward's down-stage shape, dX reducing over
     [dG | dU]'s 2I columns); the weight gradients are plain GEMMs over each expert's sorted rows
@@ -329,15 +367,17 @@ def backward_tiles(
     weight_grad, weight_grad_tma = _weight_grad_tiles(itemsize, rows_per_expert, tma)
     weight_grad_ws = _weight_grad_ws_tiles(rows_per_expert, ws)
     tiles = BackwardTiles(
-        down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, weight_grad_tma, "heuristic", weight_grad_ws
-    )
+        down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, weight_grad_tma, "heuristic", weight_grad_ws,
+        rows_ws_tiles(rows_per_expert, rows_ws),
+    )  # fmt: skip
     spec = _force_spec()
-    if spec:  # the forward's override, for the two row-tiled GEMMs
+    if spec:  # the forward's override, for the two row-tiled GEMMs (on the Triton kernel)
         tiles = replace(
             tiles,
             down_grad=_forced_at_height(tiles.down_grad, spec),
             dx=_forced_at_height(tiles.dx, spec),
             source=f"forced by {FORCE_TILES_ENV}",
+            dx_ws=None,
         )
     return tiles
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -16,6 +16,7 @@ from ._alloc import new_output
 from ._combine import _combine_kernel
 from ._gate_up import _gate_up_swiglu_kernel
 from ._rows_matmul import _rows_matmul_kernel
+from .launch_rows_matmul_ws import rows_matmul_ws, rows_ws_enabled
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,19 @@ def _kernel_flags(dtype: torch.dtype) -> dict:
 
 
 def tiles_for(num_tokens: int, weights: ExpertWeights, top_k: int) -> _tiles.ExpertTiles:
-    """Both stages' tiles for this batch: tuned table for this card, else heuristic."""
-    return _tiles.expert_tiles(
+    """Both stages' tiles for this batch: tuned table for this card, else heuristic; the down
+    projection on the warp-specialized kernel where experts are long enough (`_tiles.rows_ws_tiles`)."""
+    tiles = _tiles.expert_tiles(
         num_tokens, weights.num_experts, weights.hidden_dim, weights.intermediate_dim, weights.shared_dim, top_k,
         interpreter_active(),
     )  # fmt: skip
+    rows_per_expert = num_tokens * top_k / max(weights.num_experts, 1)
+    # The row count first: the card check is skipped where it cannot matter (decode is host-bound).
+    if rows_per_expert >= _tiles.ROWS_WS_MIN_ROWS and not tiles.source.startswith("forced"):
+        w = weights.gate_up_proj
+        down_ws = _tiles.rows_ws_tiles(rows_per_expert, rows_ws_enabled(w.device, w.dtype))
+        tiles = replace(tiles, down_ws=down_ws)
+    return tiles
 
 
 def routing_metadata_for(
@@ -230,13 +239,16 @@ def down_proj(
     like = h_routed if routed else h_shared
     y_routed = new_output(like, (T, K, H)) if routed else None
     y_shared = new_output(like, (T, H)) if shared else None
-    tiles = _checked_tiles(T, weights, metadata, tiles).down
+    expert_tiles = _checked_tiles(T, weights, metadata, tiles)
     # y = h @ W_down^T: the down weights read transposed, through their strides.
-    launch_rows_matmul(
+    sides = (
         RowsMatmul(h_routed, weights.down_proj, y_routed, b_transposed=True) if routed else None,
         RowsMatmul(h_shared, weights.shared_down, y_shared, b_transposed=True) if shared else None,
-        metadata, T, tiles, topk_weights=topk_weights.contiguous(), out_by_slot=True,
-    )  # fmt: skip
+    )
+    scale = {"topk_weights": topk_weights.contiguous(), "out_by_slot": True}
+    ws = expert_tiles.down_ws
+    if not (ws is not None and rows_matmul_ws(*sides, metadata, T, ws, **scale)):
+        launch_rows_matmul(*sides, metadata, T, expert_tiles.down, **scale)
     return y_routed, y_shared
 
 

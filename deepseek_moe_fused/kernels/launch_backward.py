@@ -27,6 +27,7 @@ from . import _tiles, _tma
 from ._alloc import new_output
 from ._backward import _grouped_weight_grad_kernel, _swiglu_bwd_kernel
 from .launch import ExpertWeights, PreActivations, RowsMatmul, _kernel_flags, combine, launch_rows_matmul
+from .launch_rows_matmul_ws import rows_matmul_ws, rows_ws_enabled
 from .launch_weight_grad_ws import grouped_weight_grad_ws, ws_enabled
 
 
@@ -94,9 +95,17 @@ def _swiglu_backward_stage(
     return d_topk
 
 
-def _dx_stage(num_tokens: int, preacts, weights: ExpertWeights, metadata, tiles: _tiles.TileConfig):
+def _dx_stage(
+    num_tokens: int,
+    preacts,
+    weights: ExpertWeights,
+    metadata,
+    tiles: _tiles.TileConfig,
+    ws: _tiles.RowsWsTiles | None = None,
+):
     """Each slot's share of dX (T, K, H) in slot order, and the shared MLP's (T, H):
-    [dG | dU] @ [W_gate; W_up], one reduction over the 2I (2S) columns."""
+    [dG | dU] @ [W_gate; W_up], one reduction over the 2I (2S) columns. `ws`: on the
+    warp-specialized kernel with these tiles where the layouts allow (launch_rows_matmul_ws.py)."""
     I, H = weights.intermediate_dim, weights.hidden_dim
     dx_slot = new_output(preacts.routed, (num_tokens, metadata.top_k, H))
     dx_shared = new_output(preacts.routed, (num_tokens, H)) if weights.has_shared else None
@@ -105,10 +114,9 @@ def _dx_stage(num_tokens: int, preacts, weights: ExpertWeights, metadata, tiles:
     if weights.has_shared:
         gate_s, up_s = weights.shared_gate_up()
         shared = RowsMatmul(preacts.shared, gate_s, dx_shared, b2=up_s)
-    launch_rows_matmul(
-        RowsMatmul(preacts.routed, w[:, :I], dx_slot, b2=w[:, I:]), shared, metadata, num_tokens, tiles,
-        out_by_slot=True,
-    )  # fmt: skip
+    routed = RowsMatmul(preacts.routed, w[:, :I], dx_slot, b2=w[:, I:])
+    if not (ws is not None and rows_matmul_ws(routed, shared, metadata, num_tokens, ws)):
+        launch_rows_matmul(routed, shared, metadata, num_tokens, tiles, out_by_slot=True)
     return dx_slot, dx_shared
 
 
@@ -187,11 +195,11 @@ def moe_experts_backward(
         rows_per_expert = metadata.num_rows / max(weights.num_experts, 1)
         tiles = _tiles.backward_tiles(
             metadata.block_m, H, inner, interpreter_active(), x.element_size(), rows_per_expert,
-            _tma.tma_enabled(x.device), ws_enabled(x.device, x.dtype),
+            _tma.tma_enabled(x.device), ws_enabled(x.device, x.dtype), rows_ws_enabled(x.device, x.dtype),
         )  # fmt: skip
     act_routed, act_shared = _down_grad_stage(dy, weights, metadata, tiles.down_grad)
     d_topk = _swiglu_backward_stage(act_routed, act_shared, flat_weights, metadata, preacts, tiles.swiglu)
-    dx_slot, dx_shared = _dx_stage(T, preacts, weights, metadata, tiles.dx)
+    dx_slot, dx_shared = _dx_stage(T, preacts, weights, metadata, tiles.dx, tiles.dx_ws)
     dx = combine(dx_slot, dx_shared)  # the K slots, then the shared MLP, in a fixed order
     # Freed before the weight gradients: their sorted-row buffer, (T*K, H) like dx_slot, reuses it.
     del dx_slot, dx_shared

@@ -1,0 +1,121 @@
+"""Launcher of the warp-specialized row-tiled GEMM (kernels/_rows_matmul_ws.py): the same product as
+`launch.launch_rows_matmul` for launches whose routed left operand is in sorted-row order, on
+Hopper. It runs where `launch_weight_grad_ws.ws_enabled` says Gluon can (`DEEPSEEK_MOE_ROWS_WS=off`
+keeps the Triton kernel everywhere) and every operand's layout suits TMA; the caller falls back
+to `launch_rows_matmul` when it returns False."""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+
+from .._env import env_choice
+from ._tiles import RowsWsTiles, num_sms
+from .launch_weight_grad_ws import ws_enabled
+
+if TYPE_CHECKING:  # launch.py imports this module
+    from ..routing_metadata import RoutingMetadata
+    from .launch import RowsMatmul
+
+ROWS_WS_ENV = "DEEPSEEK_MOE_ROWS_WS"  # "auto" (default) or "off"
+_ALIGN_BYTES = 16  # TMA: 16-byte-aligned base and strides
+
+
+@functools.cache
+def _gluon_kernel():
+    from ._rows_matmul_ws import _rows_matmul_ws_kernel
+
+    return _rows_matmul_ws_kernel
+
+
+def rows_ws_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `rows_matmul_ws` may run for operands of `dtype` on `device`."""
+    if env_choice(ROWS_WS_ENV, ("auto", "off"), "auto") == "off":
+        return False
+    return ws_enabled(device, dtype)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    if t.stride(-1) != 1 or t.data_ptr() % _ALIGN_BYTES or any(n == 0 for n in t.shape):
+        return False
+    return all((s * t.element_size()) % _ALIGN_BYTES == 0 for s in t.stride()[:-1])
+
+
+def _descriptor(t: torch.Tensor, box: list[int]):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
+    return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, element))
+
+
+def _side_descriptors(side: RowsMatmul, tiles: RowsWsTiles, block_m: int):
+    """(a, b, b2) descriptors of one side; b views of (E, rows, cols), a 2-D weight as E = 1."""
+    b, b2 = side.b, side.b2 if side.b2 is not None else side.b
+    if b.dim() == 2:
+        b, b2 = b.unsqueeze(0), b2.unsqueeze(0)
+    bn, bk = tiles.block_n, tiles.block_k
+    box = [1, bn, bk] if side.b_transposed else [1, bk, bn]
+    return _descriptor(side.a, [block_m, bk]), _descriptor(b, box), _descriptor(b2, box)
+
+
+def _layout_ok(side: RowsMatmul | None) -> bool:
+    if side is None:
+        return True
+    b2 = side.b2 if side.b2 is not None else side.b
+    return all(_tma_ok(t) for t in (side.a, side.b, b2)) and side.out.stride(-1) == 1
+
+
+def rows_matmul_ws(
+    routed: RowsMatmul | None,
+    shared: RowsMatmul | None,
+    metadata: RoutingMetadata,
+    num_tokens: int,
+    tiles: RowsWsTiles,
+    *,
+    topk_weights: torch.Tensor | None = None,  # (T, K) contiguous: routed output rows times their slot's weight
+    out_by_slot: bool = True,
+) -> bool:
+    """`launch_rows_matmul` with the routed left operand in sorted-row order (not by token), on the
+    warp-specialized kernel. Returns False, launching nothing, where a layout breaks TMA's rules
+    or the routing metadata's tile height is not one the kernel is built for; call only where
+    `rows_ws_enabled`."""
+    block_m = metadata.block_m
+    if block_m not in (64, 128):
+        return False
+    r, s = routed or shared, shared or routed
+    if r.b_transposed != s.b_transposed or (r.b2 is None) != (s.b2 is None):  # one kernel variant serves both
+        return False
+    two = r.b2 is not None
+    n_red = r.b.shape[-1] if r.b_transposed else r.b.shape[-2]
+    n_cols = r.b.shape[-2] if r.b_transposed else r.b.shape[-1]
+    n_red_s = s.b.shape[-1] if s.b_transposed else s.b.shape[-2]
+    n_cols_s = s.b.shape[-2] if s.b_transposed else s.b.shape[-1]
+    bn = tiles.block_n
+    n_n, n_n_s = triton.cdiv(n_cols, bn), triton.cdiv(n_cols_s, bn)
+    num_shared = triton.cdiv(num_tokens, block_m) * n_n_s if shared is not None else 0
+    num_items = num_shared + (metadata.max_tiles * n_n if routed is not None else 0)
+    if num_items == 0:  # no rows (a descriptor needs positive extents)
+        return True
+    if not (_layout_ok(routed) and _layout_ok(shared)):
+        return False
+    a, b, b2 = _side_descriptors(r, tiles, block_m)
+    a_s, sb, sb2 = _side_descriptors(s, tiles, block_m)
+    scale = topk_weights is not None
+    groups, split = tiles.mma_groups, tiles.split_rows
+    if split and block_m == 64:  # one warpgroup's rows: nothing to split
+        groups, split = 1, False
+    # One MMA partition of a warp per 16 rows, or two of 4 warps.
+    warps = block_m // 16 if groups == 1 else 4
+    _gluon_kernel()[(min(num_items, num_sms(r.a.device)),)](
+        a, b, b2, a_s, sb, sb2, r.out, s.out, topk_weights if scale else r.out,
+        metadata.sorted_slot, metadata.tile_expert, metadata.tile_row_start, metadata.expert_offsets,
+        num_tokens, num_items, num_shared, n_n, n_n_s, n_red, n_red_s, n_cols, n_cols_s,
+        r.out.stride(-2), s.out.stride(-2), 1.0,
+        STAGES=tiles.stages, TWO=two, B_NK=r.b_transposed, SCALE=scale, OUT_BY_SLOT=out_by_slot,
+        GROUPS=groups, SPLIT_M=split, num_warps=warps,
+    )  # fmt: skip
+    return True
