@@ -10,7 +10,10 @@ MMA warps run the wgmma chain one step behind and write each finished tile from 
 masked to the rows that exist and scattered to their output rows (slots). So the next item's
 boxes are in flight while this item's last products and its epilogue run (Nsight Compute found
 the Triton kernel waiting on load latency with no unit busy: docs/perf-notes.md, session 10).
-With two MMA warpgroups they take the items in turn, as the weight-gradient kernel's do.
+With two MMA partitions of one warpgroup each, they either take the items in turn, as the
+weight-gradient kernel's do, or each own half of every item's rows (`SPLIT_M`), so that an
+expert's short last tile runs the products of one half only. The layer runs the one-partition
+form (kernels/_tiles.py `ROWS_WS`); the other two measured no faster where it runs.
 
 Weights are read through 3-D descriptors over (E, rows, cols) views, so a box never reaches into
 the next expert's weight (TMA fills what lies past a dimension with zeros). With TWO the
