@@ -202,6 +202,11 @@ def _force_spec() -> str:
     return os.environ.get(FORCE_TILES_ENV, "").strip()
 
 
+def tiles_forced() -> bool:
+    """Whether FORCE_TILES_ENV overrides the tiles (which are then the Triton kernels')."""
+    return bool(_force_spec())
+
+
 def _apply_force(tiles: ExpertTiles, spec: str) -> ExpertTiles:
     if not spec:
         return tiles

@@ -68,6 +68,24 @@ def rows_of(weight: torch.Tensor) -> torch.Tensor | None:
     return matrix
 
 
+def fits_descriptor(t: torch.Tensor) -> bool:
+    """Whether a descriptor can cover `t` as it is, any rank (a strided view included): positive
+    extents, an aligned base, a contiguous last dimension, every other stride a multiple of 16 bytes."""
+    if any(n == 0 for n in t.shape) or t.stride(-1) != 1 or t.data_ptr() % _ALIGN_BYTES:
+        return False
+    return all((stride * t.element_size()) % _ALIGN_BYTES == 0 for stride in t.stride()[:-1])
+
+
+def gluon_descriptor(t: torch.Tensor, box: list[int]):
+    """A Gluon (Hopper) descriptor over 16-bit `t` for `box`, in the default swizzled layout the
+    warp-specialized kernels' shared-memory rings take."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
+    return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, element))
+
+
 def descriptor(matrix: torch.Tensor, block_rows: int, block_cols: int):
     """A TMA descriptor over the 2-D `matrix` (from `rows_of`) for (block_rows, block_cols) tiles."""
     return _descriptor_class().from_tensor(matrix, [block_rows, block_cols])

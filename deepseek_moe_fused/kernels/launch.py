@@ -133,11 +133,10 @@ def tiles_for(num_tokens: int, weights: ExpertWeights, top_k: int) -> _tiles.Exp
         num_tokens, weights.num_experts, weights.hidden_dim, weights.intermediate_dim, weights.shared_dim, top_k,
         interpreter_active(),
     )  # fmt: skip
-    rows_per_expert = num_tokens * top_k / max(weights.num_experts, 1)
-    # The row count first: the card check is skipped where it cannot matter (decode is host-bound).
-    if rows_per_expert >= _tiles.ROWS_WS_MIN_ROWS and not tiles.source.startswith("forced"):
-        w = weights.gate_up_proj
-        down_ws = _tiles.rows_ws_tiles(rows_per_expert, rows_ws_enabled(w.device, w.dtype))
+    down_ws = _tiles.rows_ws_tiles(num_tokens * top_k / max(weights.num_experts, 1), not _tiles.tiles_forced())
+    # The card check only where the rule picks the kernel: decode is host-bound.
+    w = weights.gate_up_proj
+    if down_ws is not None and rows_ws_enabled(w.device, w.dtype):
         tiles = replace(tiles, down_ws=down_ws)
     return tiles
 
@@ -239,16 +238,13 @@ def down_proj(
     like = h_routed if routed else h_shared
     y_routed = new_output(like, (T, K, H)) if routed else None
     y_shared = new_output(like, (T, H)) if shared else None
-    expert_tiles = _checked_tiles(T, weights, metadata, tiles)
+    tiles = _checked_tiles(T, weights, metadata, tiles)
     # y = h @ W_down^T: the down weights read transposed, through their strides.
-    sides = (
+    launch_rows_matmul(
         RowsMatmul(h_routed, weights.down_proj, y_routed, b_transposed=True) if routed else None,
         RowsMatmul(h_shared, weights.shared_down, y_shared, b_transposed=True) if shared else None,
-    )
-    scale = {"topk_weights": topk_weights.contiguous(), "out_by_slot": True}
-    ws = expert_tiles.down_ws
-    if not (ws is not None and rows_matmul_ws(*sides, metadata, T, ws, **scale)):
-        launch_rows_matmul(*sides, metadata, T, expert_tiles.down, **scale)
+        metadata, T, tiles.down, topk_weights=topk_weights.contiguous(), out_by_slot=True, ws=tiles.down_ws,
+    )  # fmt: skip
     return y_routed, y_shared
 
 
@@ -262,15 +258,14 @@ class RowsMatmul(NamedTuple):
     b2: torch.Tensor | None = None  # multiplies a's columns [n, 2n); shape and strides as b's
     b_transposed: bool = False  # the operand is b's last two dims swapped
 
-
-def _right_operand(side: RowsMatmul) -> tuple[int, int, int, int, int]:
-    """(n_red, n_cols, expert stride, reduction stride, column stride) of side.b as the kernel reads it."""
-    *lead, rows, cols = side.b.shape
-    *lead_stride, stride_rows, stride_cols = side.b.stride()
-    stride_e = lead_stride[0] if lead else 0
-    if side.b_transposed:
-        return cols, rows, stride_e, stride_cols, stride_rows
-    return rows, cols, stride_e, stride_rows, stride_cols
+    def right_operand(self) -> tuple[int, int, int, int, int]:
+        """(n_red, n_cols, expert stride, reduction stride, column stride) of b as the kernels read it."""
+        *lead, rows, cols = self.b.shape
+        *lead_stride, stride_rows, stride_cols = self.b.stride()
+        stride_e = lead_stride[0] if lead else 0
+        if self.b_transposed:
+            return cols, rows, stride_e, stride_cols, stride_rows
+        return rows, cols, stride_e, stride_rows, stride_cols
 
 
 def launch_rows_matmul(
@@ -283,13 +278,19 @@ def launch_rows_matmul(
     topk_weights: torch.Tensor | None = None,  # (T, K) contiguous: routed output rows times their slot's weight
     a_by_token: bool = False,  # routed rows of `a` are tokens (slot // K), not sorted rows
     out_by_slot: bool = True,  # routed output rows are slots, else sorted rows
+    ws: _tiles.RowsWsTiles | None = None,  # the warp-specialized kernel's tiles, where the rule picked it
 ) -> None:
-    """Routed experts' tiles and the shared MLP's in one launch (either side may be None)."""
+    """Routed experts' tiles and the shared MLP's in one launch (either side may be None); on the
+    warp-specialized kernel (launch_rows_matmul_ws.py) where `ws` is given and the layouts allow
+    (its rows must be sorted rows, not tokens)."""
+    scaled = {"topk_weights": topk_weights, "out_by_slot": out_by_slot}
+    if ws is not None and not a_by_token and rows_matmul_ws(routed, shared, metadata, num_tokens, ws, **scaled):
+        return
     bm, bn = tiles.block_m, tiles.block_n
     # An absent side's pointers and sizes come from the present one; ROUTED/SHARED keep them unread.
     r, s = routed or shared, shared or routed
-    n_red, n_cols, stride_be, stride_bk, stride_bn = _right_operand(r)
-    n_red_s, n_cols_s, _, stride_sbk, stride_sbn = _right_operand(s)
+    n_red, n_cols, stride_be, stride_bk, stride_bn = r.right_operand()
+    n_red_s, n_cols_s, _, stride_sbk, stride_sbn = s.right_operand()
     grid = (metadata.max_tiles * triton.cdiv(n_cols, bn) if routed else 0) + (
         triton.cdiv(num_tokens, bm) * triton.cdiv(n_cols_s, bn) if shared else 0
     )

@@ -27,7 +27,7 @@ from . import _tiles, _tma
 from ._alloc import new_output
 from ._backward import _grouped_weight_grad_kernel, _swiglu_bwd_kernel
 from .launch import ExpertWeights, PreActivations, RowsMatmul, _kernel_flags, combine, launch_rows_matmul
-from .launch_rows_matmul_ws import rows_matmul_ws, rows_ws_enabled
+from .launch_rows_matmul_ws import rows_ws_enabled
 from .launch_weight_grad_ws import grouped_weight_grad_ws, ws_enabled
 
 
@@ -114,9 +114,10 @@ def _dx_stage(
     if weights.has_shared:
         gate_s, up_s = weights.shared_gate_up()
         shared = RowsMatmul(preacts.shared, gate_s, dx_shared, b2=up_s)
-    routed = RowsMatmul(preacts.routed, w[:, :I], dx_slot, b2=w[:, I:])
-    if not (ws is not None and rows_matmul_ws(routed, shared, metadata, num_tokens, ws)):
-        launch_rows_matmul(routed, shared, metadata, num_tokens, tiles, out_by_slot=True)
+    launch_rows_matmul(
+        RowsMatmul(preacts.routed, w[:, :I], dx_slot, b2=w[:, I:]), shared, metadata, num_tokens, tiles,
+        out_by_slot=True, ws=ws,
+    )  # fmt: skip
     return dx_slot, dx_shared
 
 

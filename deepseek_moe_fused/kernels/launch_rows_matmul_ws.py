@@ -1,8 +1,8 @@
 """Launcher of the warp-specialized row-tiled GEMM (kernels/_rows_matmul_ws.py): the same product as
 `launch.launch_rows_matmul` for launches whose routed left operand is in sorted-row order, on
 Hopper. It runs where `launch_weight_grad_ws.ws_enabled` says Gluon can (`DEEPSEEK_MOE_ROWS_WS=off`
-keeps the Triton kernel everywhere) and every operand's layout suits TMA; the caller falls back
-to `launch_rows_matmul` when it returns False."""
+keeps the Triton kernel everywhere) and every operand's layout suits TMA; `launch_rows_matmul`,
+which dispatches here, runs the Triton kernel when it returns False."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 import triton
 
 from .._env import env_choice
+from . import _tma
 from ._tiles import RowsWsTiles, num_sms
 from .launch_weight_grad_ws import ws_enabled
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:  # launch.py imports this module
     from .launch import RowsMatmul
 
 ROWS_WS_ENV = "DEEPSEEK_MOE_ROWS_WS"  # "auto" (default) or "off"
-_ALIGN_BYTES = 16  # TMA: 16-byte-aligned base and strides
 
 
 @functools.cache
@@ -38,20 +38,6 @@ def rows_ws_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     return ws_enabled(device, dtype)
 
 
-def _tma_ok(t: torch.Tensor) -> bool:
-    if t.stride(-1) != 1 or t.data_ptr() % _ALIGN_BYTES or any(n == 0 for n in t.shape):
-        return False
-    return all((s * t.element_size()) % _ALIGN_BYTES == 0 for s in t.stride()[:-1])
-
-
-def _descriptor(t: torch.Tensor, box: list[int]):
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
-    return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, element))
-
-
 def _side_descriptors(side: RowsMatmul, tiles: RowsWsTiles, block_m: int):
     """(a, b, b2) descriptors of one side; b views of (E, rows, cols), a 2-D weight as E = 1."""
     b, b2 = side.b, side.b2 if side.b2 is not None else side.b
@@ -59,14 +45,15 @@ def _side_descriptors(side: RowsMatmul, tiles: RowsWsTiles, block_m: int):
         b, b2 = b.unsqueeze(0), b2.unsqueeze(0)
     bn, bk = tiles.block_n, tiles.block_k
     box = [1, bn, bk] if side.b_transposed else [1, bk, bn]
-    return _descriptor(side.a, [block_m, bk]), _descriptor(b, box), _descriptor(b2, box)
+    descriptor = _tma.gluon_descriptor
+    return descriptor(side.a, [block_m, bk]), descriptor(b, box), descriptor(b2, box)
 
 
 def _layout_ok(side: RowsMatmul | None) -> bool:
     if side is None:
         return True
     b2 = side.b2 if side.b2 is not None else side.b
-    return all(_tma_ok(t) for t in (side.a, side.b, b2)) and side.out.stride(-1) == 1
+    return all(_tma.fits_descriptor(t) for t in (side.a, side.b, b2)) and side.out.stride(-1) == 1
 
 
 def rows_matmul_ws(
@@ -90,10 +77,8 @@ def rows_matmul_ws(
     if r.b_transposed != s.b_transposed or (r.b2 is None) != (s.b2 is None):  # one kernel variant serves both
         return False
     two = r.b2 is not None
-    n_red = r.b.shape[-1] if r.b_transposed else r.b.shape[-2]
-    n_cols = r.b.shape[-2] if r.b_transposed else r.b.shape[-1]
-    n_red_s = s.b.shape[-1] if s.b_transposed else s.b.shape[-2]
-    n_cols_s = s.b.shape[-2] if s.b_transposed else s.b.shape[-1]
+    n_red, n_cols, *_ = r.right_operand()
+    n_red_s, n_cols_s, *_ = s.right_operand()
     bn = tiles.block_n
     n_n, n_n_s = triton.cdiv(n_cols, bn), triton.cdiv(n_cols_s, bn)
     num_shared = triton.cdiv(num_tokens, block_m) * n_n_s if shared is not None else 0

@@ -61,9 +61,6 @@ def grouped_weight_grad_ws(
     on the warp-specialized kernel. a: (T*K, P), b: (T*K, Q), out: (E, P, Q), one 16-bit dtype.
     Returns False, launching nothing, where a layout breaks TMA's rules (the caller then runs the
     Triton kernel); call only where `ws_enabled`."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     if not (a.dtype == b.dtype == out.dtype and a.dim() == b.dim() == 2 and out.dim() == 3):
         raise ValueError(f"a, b, out: 2-D, 2-D, 3-D of one dtype, got {a.shape} {b.shape} {out.shape}")
     if any(_tma.rows_of(t) is None for t in (a, b, out)):  # TMA's alignment rules
@@ -76,11 +73,7 @@ def grouped_weight_grad_ws(
     if a.shape[0] == 0:  # no rows to reduce over (a descriptor needs a positive extent)
         out.zero_()
         return True
-    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[a.dtype]
-
-    def descriptor(t, box):
-        return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, element))
-
+    descriptor = _tma.gluon_descriptor
     _gluon_kernel()[(min(num_tiles, num_sms(a.device)),)](
         descriptor(a, [tiles.block_r, BLOCK_P]), descriptor(b, [tiles.block_r, BLOCK_Q]),
         descriptor(out, [1, BLOCK_P, BLOCK_Q]), expert_offsets, num_tiles, n_p, n_q,
