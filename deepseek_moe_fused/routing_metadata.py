@@ -7,6 +7,7 @@ synchronisation, so a forward pass stays CUDA-graph capturable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -68,6 +69,29 @@ def max_routed_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
     return num_rows // block_m + min(num_experts, num_rows)
 
 
+# Elements of the (chunks, bins) tile one step of the chunk scan holds (8 warps: 32 a thread).
+SCAN_TILE_ELEMENTS = 8192
+
+
+class ScanSteps(NamedTuple):
+    """How `_chunk_scan_kernel` walks the (num_chunks, NUM_BINS) counts."""
+
+    total_step: int  # chunks per step of the expert totals (a sum only: twice the tile)
+    bins_per_program: int  # columns each program scans; NUM_BINS // this programs
+    scan_step: int  # chunks per step of a program's prefix over chunks
+
+
+def scan_steps(num_bins: int) -> ScanSteps:
+    """At most 16 programs (each re-reads every count for the totals) of at least 8 columns."""
+    tile_elements = SCAN_TILE_ELEMENTS
+    bins_per_program = min(num_bins, max(8, num_bins // 16))
+    return ScanSteps(
+        total_step=max(1, 2 * tile_elements // num_bins),
+        bins_per_program=bins_per_program,
+        scan_step=max(1, tile_elements // bins_per_program),
+    )
+
+
 def build_routing_metadata(
     topk_ids: torch.Tensor,  # (T, K) int: expert of each slot, all in [0, E)
     num_experts: int,
@@ -105,19 +129,22 @@ def build_routing_metadata(
     num_bins = triton.next_power_of_2(num_experts + 1)  # + the past-the-end bin
     block_t = 32
     single_chunk = num_chunks == 1
-    # Scratch: per-chunk counts, overwritten by each chunk's first row per expert; first tiles.
+    # Scratch: per-chunk counts, then each chunk's first row per expert; first tiles.
     chunk_counts = torch.empty(1 if single_chunk else num_chunks * num_bins, **int32)  # 1: a real pointer
+    chunk_base = torch.empty_like(chunk_counts)
     tile_offsets = torch.empty(1 if single_chunk else num_bins, **int32)
     if not single_chunk:
         _chunk_histogram_kernel[(num_chunks,)](
             ids, chunk_counts, num_rows, num_experts, BLOCK_R=block_r, NUM_BINS=num_bins
         )  # fmt: skip
-        _chunk_scan_kernel[(1,)](
-            chunk_counts, metadata.expert_offsets, tile_offsets, num_experts, num_chunks, block_m,
-            NUM_BINS=num_bins, CHUNKS_PER_STEP=max(1, 8192 // num_bins), num_warps=8,
+        scan = scan_steps(num_bins)
+        _chunk_scan_kernel[(num_bins // scan.bins_per_program,)](
+            chunk_counts, chunk_base, metadata.expert_offsets, tile_offsets, num_experts, num_chunks, block_m,
+            NUM_BINS=num_bins, TOTAL_STEP=scan.total_step, BINS_PER_PROGRAM=scan.bins_per_program,
+            SCAN_STEP=scan.scan_step, num_warps=8,
         )  # fmt: skip
     _scatter_rows_kernel[(max(num_chunks, triton.cdiv(max_tiles, block_t)),)](
-        ids, chunk_counts, metadata.expert_offsets, tile_offsets,
+        ids, chunk_base, metadata.expert_offsets, tile_offsets,
         metadata.sorted_slot, metadata.slot_to_row, metadata.tile_expert, metadata.tile_row_start,
         num_rows, num_experts, num_chunks, max_tiles, block_m,
         PAD_EXPERT=PAD_EXPERT, BLOCK_R=block_r, NUM_BINS=num_bins, BLOCK_T=block_t, SINGLE_CHUNK=single_chunk,

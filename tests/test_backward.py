@@ -1,6 +1,8 @@
 """The Triton backward (kernels/launch_backward.py) against the fp32 PyTorch backward, whose own
 gradients test_moe_layer.py checks against float64 autograd."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import compile_bound
@@ -12,7 +14,7 @@ from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig, moe_layer
 from deepseek_moe_fused._backward_torch import experts_backward
 from deepseek_moe_fused.kernels import _tiles
 from deepseek_moe_fused.kernels._alloc import poisoned_outputs
-from deepseek_moe_fused.kernels.launch import moe_experts_forward, new_preactivations, routing_metadata_for
+from deepseek_moe_fused.kernels.launch import moe_experts_forward, new_preactivations, routing_metadata_for, tiles_for
 from deepseek_moe_fused.kernels.launch_backward import moe_experts_backward
 from deepseek_moe_fused.moe_layer import BACKWARD_ENV, backward_selected, selected_backward
 from deepseek_moe_fused.testing import TOLERANCES, make_activations, make_moe_inputs, routing_with_counts
@@ -45,6 +47,31 @@ def _run_both(config, T, routing, seed, device):
         got = moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata, preacts)
     want = experts_backward(grad_out, inputs.x, inputs.topk_weights, metadata.sorted_slot, metadata.expert_offsets, w)
     return got, want, _rounding_terms(inputs, grad_out)
+
+
+def test_backward_reads_the_forwards_sorted_rows(device):
+    """Where stage 1 gathers X into sorted rows (the warp-specialized gate/up kernel's input), the
+    backward's weight gradients read that buffer instead of gathering again: the same rows in the
+    same order, so every gradient is bitwise the one of the backward that gathers. Runs on the
+    Triton kernels, which fill the buffer too, so the CPU tier checks the plumbing."""
+    config = MoEConfig(48, 24, 5, 2, n_shared_experts=1, dtype=torch.float16)
+    inputs = make_moe_inputs(config, 37, seed=3, device=device)
+    w = inputs.weights
+    tiles = tiles_for(37, w, 2)
+    metadata = routing_metadata_for(inputs.topk_ids, w, tiles)
+    grad_out = make_activations(37, 48, seed=9, dtype=config.dtype, device=device)
+    grads = {}
+    for gate_up_ws in (None, _tiles.GATE_UP_WS):
+        with poisoned_outputs():
+            preacts = new_preactivations(inputs.x, w, metadata, replace(tiles, gate_up_ws=gate_up_ws))
+            moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, w, metadata, preacts=preacts)
+            if gate_up_ws is not None:
+                assert torch.equal(preacts.x_sorted, inputs.x[metadata.sorted_slot.long() // 2])
+            grads[gate_up_ws] = moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata, preacts)
+        if gate_up_ws is not None:
+            assert preacts.x_sorted.untyped_storage().size() == 0  # released once read
+    for name, got, want in zip(GRAD_NAMES, grads[_tiles.GATE_UP_WS], grads[None], strict=True):
+        assert torch.equal(got, want), name
 
 
 def _rounding_terms(inputs, grad_out) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+import triton
 from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import routing_kinds, seeds
 
+from deepseek_moe_fused import routing_metadata
 from deepseek_moe_fused.reference import routing_metadata_twin
 from deepseek_moe_fused.routing_metadata import PAD_EXPERT, RoutingMetadata, build_routing_metadata, max_routed_tiles
 from deepseek_moe_fused.testing import make_routing
@@ -50,6 +52,27 @@ def test_metadata_equals_twin_and_invariants(device, T, E, K, block_m, kind, see
         assert offsets[e] <= start < end
         covered[start:end] += 1
     assert (covered == 1).all()
+
+
+@pytest.mark.parametrize(
+    "T, E, K, tile_elements",
+    [
+        (300, 100, 3, 16),  # 8 chunks, 16 programs of 8 columns, 8 total steps and 4 scan steps each
+        (257, 7, 2, 8),  # one program (NUM_BINS 8), an odd last chunk, one chunk per step
+        (600, 250, 8, 64),  # 38 chunks, NUM_BINS 256: 16 programs of 16 columns, ragged last steps
+    ],
+)
+def test_chunk_scan_steps_and_programs(device, monkeypatch, T, E, K, tile_elements):
+    """The chunk scan's many-program, many-step paths (a real batch needs thousands of slots per
+    step to reach them), forced by a small tile budget."""
+    monkeypatch.setattr(routing_metadata, "SCAN_TILE_ELEMENTS", tile_elements)
+    steps = routing_metadata.scan_steps(triton.next_power_of_2(E + 1))
+    assert steps.scan_step * steps.bins_per_program <= max(tile_elements, steps.bins_per_program)
+    _, ids = make_routing("uniform", T, E, K, seed=T, device=device)
+    meta = build_routing_metadata(ids, E, 16)
+    twin = routing_metadata_twin(ids.cpu(), E, 16)
+    for name in ("sorted_slot", "slot_to_row", "expert_offsets", "tile_expert", "tile_row_start"):
+        assert torch.equal(getattr(meta, name).cpu(), getattr(twin, name)), name
 
 
 def test_metadata_rejects_wrong_dtypes(device):

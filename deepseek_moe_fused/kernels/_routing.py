@@ -31,37 +31,50 @@ def _chunk_histogram_kernel(
 
 @triton.jit
 def _chunk_scan_kernel(
-    chunk_counts_ptr,  # (num_chunks, NUM_BINS) int32 in: counts; out: first row of each (chunk, expert)
+    chunk_counts_ptr,  # (num_chunks, NUM_BINS) int32: slots of each expert in each chunk
+    chunk_base_ptr,  # (num_chunks, NUM_BINS) int32 out: first row of each (chunk, expert)
     expert_offsets_ptr,  # (E+1,) int32 out: first sorted row of each expert
     tile_offsets_ptr,  # (NUM_BINS,) int32 out: first tile of each expert
     num_experts,
     num_chunks,
     block_m,
     NUM_BINS: tl.constexpr,
-    CHUNKS_PER_STEP: tl.constexpr,
+    TOTAL_STEP: tl.constexpr,  # chunks per step of the expert totals
+    BINS_PER_PROGRAM: tl.constexpr,
+    SCAN_STEP: tl.constexpr,  # chunks per step of the prefix over chunks
 ):
-    """Grid: (1,). Two passes over the (num_chunks, NUM_BINS) counts: expert totals, then each
-    chunk's base row per expert, written over its counts."""
+    """Grid: (NUM_BINS // BINS_PER_PROGRAM,); one program owns BINS_PER_PROGRAM experts' columns.
+
+    Each program sums every chunk's counts (the expert totals, which all programs need for the
+    experts' first rows; program 0 writes them out), then writes the prefix over chunks of its own
+    columns only: one program scanning every column is a serial loop of dependent steps (82 us at
+    768 chunks x 128 bins on an H100). The bases go to their own buffer because other programs may
+    still be reading the counts.
+    """
+    pid = tl.program_id(0)
     bins = tl.arange(0, NUM_BINS)
     total = tl.zeros((NUM_BINS,), dtype=tl.int32)
-    for c0 in range(0, num_chunks, CHUNKS_PER_STEP):
-        chunks = c0 + tl.arange(0, CHUNKS_PER_STEP)
+    for c0 in range(0, num_chunks, TOTAL_STEP):
+        chunks = c0 + tl.arange(0, TOTAL_STEP)
         ptrs = chunk_counts_ptr + chunks[:, None] * NUM_BINS + bins[None, :]
         total += tl.sum(tl.load(ptrs, mask=chunks[:, None] < num_chunks, other=0), axis=0)
     total = tl.where(bins < num_experts, total, 0)  # drop the past-the-end bin
     expert_start = tl.cumsum(total, axis=0) - total
-    tl.store(expert_offsets_ptr + bins, expert_start, mask=bins < num_experts)
-    tl.store(expert_offsets_ptr + num_experts, tl.sum(total, axis=0))
-    tiles = (total + block_m - 1) // block_m
-    tl.store(tile_offsets_ptr + bins, tl.cumsum(tiles, axis=0) - tiles)
-    running = expert_start
-    for c0 in range(0, num_chunks, CHUNKS_PER_STEP):
-        chunks = c0 + tl.arange(0, CHUNKS_PER_STEP)
-        ptrs = chunk_counts_ptr + chunks[:, None] * NUM_BINS + bins[None, :]
+    if pid == 0:
+        tl.store(expert_offsets_ptr + bins, expert_start, mask=bins < num_experts)
+        tl.store(expert_offsets_ptr + num_experts, tl.sum(total, axis=0))
+        tiles = (total + block_m - 1) // block_m
+        tl.store(tile_offsets_ptr + bins, tl.cumsum(tiles, axis=0) - tiles)
+    mine = pid * BINS_PER_PROGRAM + tl.arange(0, BINS_PER_PROGRAM)
+    # expert_start at this program's columns: a register tensor cannot be indexed, so a one-hot sum.
+    running = tl.sum(tl.where(mine[:, None] == bins[None, :], expert_start[None, :], 0), axis=1)
+    for c0 in range(0, num_chunks, SCAN_STEP):
+        chunks = c0 + tl.arange(0, SCAN_STEP)
+        offsets = chunks[:, None] * NUM_BINS + mine[None, :]
         mask = chunks[:, None] < num_chunks
-        counts = tl.load(ptrs, mask=mask, other=0)
+        counts = tl.load(chunk_counts_ptr + offsets, mask=mask, other=0)
         inclusive = tl.cumsum(counts, axis=0)
-        tl.store(ptrs, running[None, :] + inclusive - counts, mask=mask)
+        tl.store(chunk_base_ptr + offsets, running[None, :] + inclusive - counts, mask=mask)
         running += tl.sum(counts, axis=0)
 
 

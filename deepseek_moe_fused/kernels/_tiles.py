@@ -60,6 +60,24 @@ ROWS_WS_MIN_ROWS = 1536
 ROWS_WS = RowsWsTiles(256, 64, 3, 1)
 
 
+# Stage 1 on the warp-specialized gate/up kernel (launch_gate_up_ws.py) from this many mean rows
+# per expert; the forward then gathers X into sorted rows first (the backward's weight gradients
+# reuse them). block_n is the width of each of the gate and up boxes: a stage holds the rows box
+# and 32 KB of weights, 4 stages 224 KB. On an H200 (gather included) the stage was 1-3% faster
+# than the Triton kernel at 2048-4096 rows (seed N = 8192-16384) and as fast at v2-lite N=16384's
+# 1536, where the training step gained 2-4%; slower at 192-768 rows (docs/perf-notes.md, session 16).
+GATE_UP_WS_MIN_ROWS = 1536
+GATE_UP_WS = RowsWsTiles(128, 64, 4, 1)
+
+
+def gate_up_ws_tiles(rows_per_expert: float | None, enabled: bool) -> RowsWsTiles | None:
+    """The warp-specialized gate/up kernel's tiles where the rule picks it (`enabled`: the card and
+    Triton can run it, launch_gate_up_ws.gate_up_ws_enabled); None for the Triton kernel."""
+    if not enabled or rows_per_expert is None or rows_per_expert < GATE_UP_WS_MIN_ROWS:
+        return None
+    return GATE_UP_WS
+
+
 def rows_ws_tiles(rows_per_expert: float | None, enabled: bool) -> RowsWsTiles | None:
     """The warp-specialized row-tiled GEMM's tiles where the rule picks it (`enabled`: the card
     and Triton can run it, launch_rows_matmul_ws.rows_ws_enabled); None for the Triton kernel."""
@@ -76,6 +94,7 @@ class ExpertTiles:
     down: TileConfig
     source: str  # "tuned (<card>)", "heuristic" or "interpreter": the benchmark prints it
     down_ws: RowsWsTiles | None = None  # the down projection on the warp-specialized kernel instead
+    gate_up_ws: RowsWsTiles | None = None  # stage 1 on the warp-specialized kernel, over X in sorted rows
 
     @property
     def block_m(self) -> int:

@@ -16,6 +16,7 @@ from ._alloc import new_output
 from ._combine import _combine_kernel
 from ._gate_up import _gate_up_swiglu_kernel
 from ._rows_matmul import _rows_matmul_kernel
+from .launch_gate_up_ws import GateUpSide, gate_up_ws, gate_up_ws_enabled
 from .launch_rows_matmul_ws import rows_matmul_ws, rows_ws_enabled
 
 
@@ -84,16 +85,31 @@ class ExpertWeights:
 
 @dataclass(frozen=True)
 class PreActivations:
-    """Stage 1's gate and up pre-activations, written by the forward for the Triton backward
-    (which overwrites them with their gradients)."""
+    """What the forward writes for the Triton backward: stage 1's gate and up pre-activations
+    (which the backward overwrites with their gradients), and X in sorted rows where stage 1
+    gathered it (the routed weight gradients reduce over those rows)."""
 
     routed: torch.Tensor  # (T*K, 2I): [x W_gate^T | x W_up^T] of each expert-sorted row
     shared: torch.Tensor | None  # (T, 2S) the same for the shared MLP; None without one
+    x_sorted: torch.Tensor | None = None  # (T*K, H) X's row of each sorted row; None: the backward gathers
 
 
-def new_preactivations(x: torch.Tensor, weights: ExpertWeights, metadata: RoutingMetadata) -> PreActivations:
-    shared = new_output(x, (x.shape[0], 2 * weights.shared_dim)) if weights.has_shared else None
-    return PreActivations(new_output(x, (metadata.num_rows, 2 * weights.intermediate_dim)), shared)
+def new_preactivations(
+    x: torch.Tensor, weights: ExpertWeights, metadata: RoutingMetadata, tiles: _tiles.ExpertTiles | None = None
+) -> PreActivations:
+    """Buffers for stage 1 to fill; `tiles` (default: `tiles_for`'s) decide whether X in sorted rows is one."""
+    T, H = x.shape
+    shared = new_output(x, (T, 2 * weights.shared_dim)) if weights.has_shared else None
+    routed = new_output(x, (metadata.num_rows, 2 * weights.intermediate_dim))
+    tiles = tiles or tiles_for(T, weights, metadata.top_k)
+    x_sorted = new_output(x, (metadata.num_rows, H)) if tiles.gate_up_ws is not None else None
+    return PreActivations(routed, shared, x_sorted)
+
+
+def gather_sorted_rows(src: torch.Tensor, metadata: RoutingMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(T*K, H): row r is src's row of the token sorted row r belongs to (sorted_slot[r] // K)."""
+    out = new_output(src, (metadata.num_rows, src.shape[1])) if out is None else out
+    return torch.index_select(src, 0, metadata.sorted_slot // metadata.top_k, out=out)
 
 
 def check_routing(
@@ -127,15 +143,21 @@ def _kernel_flags(dtype: torch.dtype) -> dict:
 
 
 def tiles_for(num_tokens: int, weights: ExpertWeights, top_k: int) -> _tiles.ExpertTiles:
-    """Both stages' tiles for this batch: tuned table for this card, else heuristic; the down
-    projection on the warp-specialized kernel where experts are long enough (`_tiles.rows_ws_tiles`)."""
+    """Both stages' tiles for this batch: tuned table for this card, else heuristic; either stage
+    on its warp-specialized kernel where experts are long enough (`_tiles.gate_up_ws_tiles`,
+    `_tiles.rows_ws_tiles`)."""
     tiles = _tiles.expert_tiles(
         num_tokens, weights.num_experts, weights.hidden_dim, weights.intermediate_dim, weights.shared_dim, top_k,
         interpreter_active(),
     )  # fmt: skip
-    down_ws = _tiles.rows_ws_tiles(num_tokens * top_k / max(weights.num_experts, 1), not _tiles.tiles_forced())
-    # The card check only where the rule picks the kernel: decode is host-bound.
+    rows_per_expert = num_tokens * top_k / max(weights.num_experts, 1)
+    free = not _tiles.tiles_forced()
+    gate_up_ws_tiles = _tiles.gate_up_ws_tiles(rows_per_expert, free)
+    down_ws = _tiles.rows_ws_tiles(rows_per_expert, free)
+    # The card checks only where a rule picks a kernel: decode is host-bound.
     w = weights.gate_up_proj
+    if gate_up_ws_tiles is not None and gate_up_ws_enabled(w.device, w.dtype):
+        tiles = replace(tiles, gate_up_ws=gate_up_ws_tiles)
     if down_ws is not None and rows_ws_enabled(w.device, w.dtype):
         tiles = replace(tiles, down_ws=down_ws)
     return tiles
@@ -182,14 +204,29 @@ def gate_up_swiglu(
     shared = shared and weights.has_shared
     h_routed = new_output(x, (metadata.num_rows, I)) if routed else None
     h_shared = new_output(x, (T, S)) if shared else None
-    tiles = _checked_tiles(T, weights, metadata, tiles).gate_up
+    expert_tiles = _checked_tiles(T, weights, metadata, tiles)
+    gate, up = weights.gate_up_proj[:, :I], weights.gate_up_proj[:, I:]
+    save = preacts is not None
+    # A buffer for X in sorted rows is filled whichever kernel runs: the backward reads it.
+    x_sorted = preacts.x_sorted if save else None
+    if routed and (x_sorted is not None or expert_tiles.gate_up_ws is not None):
+        x_sorted = gather_sorted_rows(x, metadata, out=x_sorted)
+    if expert_tiles.gate_up_ws is not None and (routed or shared):
+        routed_side = GateUpSide(x_sorted, gate, up, h_routed, preacts.routed if save else None) if routed else None
+        shared_side = None
+        if shared:
+            shared_gate, shared_up = weights.shared_gate_up()
+            shared_pre = preacts.shared if save else None
+            shared_side = GateUpSide(x, shared_gate.unsqueeze(0), shared_up.unsqueeze(0), h_shared, shared_pre)
+        if gate_up_ws(routed_side, shared_side, metadata, T, expert_tiles.gate_up_ws):
+            return h_routed, h_shared
+    tiles = expert_tiles.gate_up
     bm, bn = tiles.block_m, tiles.block_n
     num_programs = (metadata.max_tiles * triton.cdiv(I, bn) if routed else 0) + (
         triton.cdiv(T, bm) * triton.cdiv(S, bn) if shared else 0
     )
     if num_programs == 0:
         return h_routed, h_shared
-    gate, up = weights.gate_up_proj[:, :I], weights.gate_up_proj[:, I:]
     # Pointer arguments of a disabled part get a tensor that exists; ROUTED/SHARED keep them unread.
     shared_gate, shared_up = weights.shared_gate_up() if shared else (gate, up)
     weight_args = (gate, up, shared_gate, shared_up)
@@ -201,7 +238,6 @@ def gate_up_swiglu(
         weight_args = (routed_desc, routed_desc, *shared_descs)
     h_routed_arg = h_routed if routed else h_shared
     h_shared_arg = h_shared if shared else h_routed
-    save = preacts is not None
     pre_routed = preacts.routed if save and routed else h_routed_arg
     pre_shared = preacts.shared if save and shared else h_shared_arg
     _gate_up_swiglu_kernel[(num_programs,)](

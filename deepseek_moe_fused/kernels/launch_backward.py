@@ -10,7 +10,8 @@ in X's dtype; then, in the memory dX's slots held, X and dY gathered into sorted
 weight gradients (T*K, H). Each buffer is released after its last read, the saved
 pre-activations included, so the gradients allocated last do not add to them. Launches: dY W_down
 (routed + shared), the SwiGLU backward (elementwise), dX (routed + shared) and its combine, two
-gathers and two grouped weight-gradient GEMMs (their sorted rows read as TMA boxes where experts
+gathers (one where the forward's stage 1 gathered X and saved it: `PreActivations.x_sorted`) and
+two grouped weight-gradient GEMMs (their sorted rows read as TMA boxes where experts
 have enough rows: kernels/_tiles.py `_weight_grad_tiles`; on Hopper a warp-specialized Gluon
 kernel instead, launch_weight_grad_ws.py); the shared MLP's weight gradients are dense GEMMs
 (cuBLAS).
@@ -26,7 +27,15 @@ from ..routing_metadata import RoutingMetadata
 from . import _tiles, _tma
 from ._alloc import new_output
 from ._backward import _grouped_weight_grad_kernel, _swiglu_bwd_kernel
-from .launch import ExpertWeights, PreActivations, RowsMatmul, _kernel_flags, combine, launch_rows_matmul
+from .launch import (
+    ExpertWeights,
+    PreActivations,
+    RowsMatmul,
+    _kernel_flags,
+    combine,
+    gather_sorted_rows,
+    launch_rows_matmul,
+)
 from .launch_rows_matmul_ws import rows_ws_enabled
 from .launch_weight_grad_ws import grouped_weight_grad_ws, ws_enabled
 
@@ -140,6 +149,7 @@ def _weight_grad_stage(
     tma: bool = True,
     consume: bool = False,
     ws: _tiles.WeightGradWsTiles | None = None,
+    x_sorted: torch.Tensor | None = None,
 ):
     """d gate_up[e] = dGU_e^T X_e; d down[e] = dY_e^T (w act)_e. `consume`: release dGU's memory
     once read, before d down is allocated (the layer's backward owns it; timing tools reuse it).
@@ -148,17 +158,16 @@ def _weight_grad_stage(
 
     X and dY are gathered into expert-sorted row order first (one buffer of (T*K, H), X's rows
     then dY's), so the grouped GEMMs read contiguous rows: on the H100 the gather costs 50 us at
-    seed N=8192 and the two GEMMs gain 350 us over gathering rows inside their loop."""
+    seed N=8192 and the two GEMMs gain 350 us over gathering rows inside their loop. `x_sorted`:
+    X already in sorted rows (the forward's, `PreActivations.x_sorted`), and the buffer dY's go to."""
     d_gate_up = new_output(weights.gate_up_proj, weights.gate_up_proj.shape)
-    tokens = metadata.sorted_slot // metadata.top_k
-    sorted_rows = new_output(x, (metadata.num_rows, x.shape[1]))
-    torch.index_select(x, 0, tokens, out=sorted_rows)
+    sorted_rows = gather_sorted_rows(x, metadata) if x_sorted is None else x_sorted
     _weight_grad(dgu, sorted_rows, d_gate_up, metadata.expert_offsets, tiles, tma, ws)
     if consume:
         _release(dgu)
     d_down = new_output(weights.down_proj, weights.down_proj.shape)  # after the release: not beside dGU
     # Same buffer: the stream runs the GEMM above before this overwrites its operand.
-    torch.index_select(dy, 0, tokens, out=sorted_rows)
+    gather_sorted_rows(dy, metadata, out=sorted_rows)
     _weight_grad(sorted_rows, act_routed, d_down, metadata.expert_offsets, tiles, tma, ws)
     return d_gate_up, d_down
 
@@ -211,6 +220,8 @@ def moe_experts_backward(
     del act_shared
     d_gate_up, d_down = _weight_grad_stage(
         x, dy, preacts.routed, act_routed, weights, metadata, tiles.weight_grad, tiles.weight_grad_tma,
-        consume=True, ws=tiles.weight_grad_ws,
+        consume=True, ws=tiles.weight_grad_ws, x_sorted=preacts.x_sorted,
     )  # fmt: skip
+    if preacts.x_sorted is not None:
+        _release(preacts.x_sorted)
     return (dx, d_topk.view(topk_weights.shape).to(topk_weights.dtype), d_gate_up, d_down, *shared_grads)
