@@ -12,7 +12,14 @@ from ._checks import check_tensor
 from ._env import env_choice, env_set
 from ._interpret import interpreter_active
 from .config import MoEConfig
-from .kernels.launch import ExpertWeights, PreActivations, moe_experts_forward, new_preactivations, routing_metadata_for
+from .kernels.launch import (
+    ExpertWeights,
+    PreActivations,
+    moe_experts_forward,
+    new_preactivations,
+    routing_metadata_for,
+    tiles_for,
+)
 from .kernels.launch_backward import moe_experts_backward
 from .router import DeepSeekRouter
 
@@ -42,13 +49,14 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
         ctx, will_backward, x, topk_weights, topk_ids, gate_up_proj, down_proj, shared_gate, shared_up, shared_down
     ):
         weights = ExpertWeights(gate_up_proj, down_proj, shared_gate, shared_up, shared_down)
-        metadata = routing_metadata_for(topk_ids, weights)
+        tiles = tiles_for(x.shape[0], weights, topk_ids.shape[1])  # once: the metadata, buffers and kernels follow it
+        metadata = routing_metadata_for(topk_ids, weights, tiles)
         ctx.backward = selected_backward()  # read at forward time: one choice per step
         # The Triton backward starts from stage 1's pre-activations, which the forward kernel
         # writes beside its output only when a backward can follow (see experts_autograd).
         save = ctx.backward == "triton" and will_backward
-        preacts = new_preactivations(x, weights, metadata) if save else None
-        out = moe_experts_forward(x, topk_weights, topk_ids, weights, metadata, preacts=preacts)
+        preacts = new_preactivations(x, weights, metadata, tiles) if save else None
+        out = moe_experts_forward(x, topk_weights, topk_ids, weights, metadata, preacts=preacts, tiles=tiles)
         # The metadata is neither an input nor an output: it is kept on ctx as autograd allows
         # for intermediates; tensors go through save_for_backward.
         ctx.routing = metadata  # (ctx.metadata is taken: autograd keeps anomaly data there)

@@ -83,12 +83,11 @@ class ScanSteps(NamedTuple):
 
 def scan_steps(num_bins: int) -> ScanSteps:
     """At most 16 programs (each re-reads every count for the totals) of at least 8 columns."""
-    tile_elements = SCAN_TILE_ELEMENTS
     bins_per_program = min(num_bins, max(8, num_bins // 16))
     return ScanSteps(
-        total_step=max(1, 2 * tile_elements // num_bins),
+        total_step=max(1, 2 * SCAN_TILE_ELEMENTS // num_bins),
         bins_per_program=bins_per_program,
-        scan_step=max(1, tile_elements // bins_per_program),
+        scan_step=max(1, SCAN_TILE_ELEMENTS // bins_per_program),
     )
 
 

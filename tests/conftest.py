@@ -43,6 +43,30 @@ def compile_bound(gpu_examples: int):
     return settings()
 
 
+def layer_step_with(device: torch.device, env: str) -> dict[str, list[torch.Tensor]]:
+    """The output and every gradient (x's, then the parameters') of one training step of a small
+    bf16 layer with 1600 rows per expert, under `env` set to "auto" and to "off": a kernel switch's
+    two sides, for the tests that check a warp-specialized kernel inside the layer."""
+    from deepseek_moe_fused import MoEConfig
+    from deepseek_moe_fused._env import env_set
+    from deepseek_moe_fused.benchmark import make_layer
+    from deepseek_moe_fused.testing import make_activations
+
+    config = MoEConfig(256, 128, 2, 1, n_shared_experts=1, dtype=torch.bfloat16)
+    layer = make_layer(config, device, seed=0)
+    x = make_activations(3200, 256, seed=3, device=device).requires_grad_()
+    results = {}
+    for choice in ("auto", "off"):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with env_set(env, choice):
+            out = layer(x)
+            out.float().square().sum().backward()
+        grads = [x.grad] + [p.grad for p in layer.parameters()]
+        results[choice] = [out.detach().clone()] + [g.clone() for g in grads]
+    return results
+
+
 def _xdist_gpu() -> int:
     """pytest-xdist worker gwN runs on GPU N mod the device count: one worker per GPU."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")

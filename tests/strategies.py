@@ -33,6 +33,22 @@ X_SCALES = [1e-3, 1e-1, 1.0, 10.0, 100.0]
 X_SCALE_RANGE = {torch.float16: (0.1, 10.0)}
 
 
+# The warp-specialized kernels' oracle tests: (rows of each expert, K, H, I, S, block_m).
+WS_SHAPES = [
+    ([0, 1, 127, 128, 129, 300, 53], 3, 200, 72, 136, 128),  # empty expert, tile edges; H, I, S off the tiles
+    ([64, 0, 192, 63, 65], 2, 256, 128, 64, 64),  # 64-row tiles: one warpgroup's rows (4 MMA warps)
+    ([1, 255, 256, 100], 2, 2048, 1408, 2816, 128),  # v2-lite's widths; tails of 1 to 127 rows
+    ([40, 0, 33, 130, 64, 1] * 30, 2, 128, 64, 64, 128),  # 180 experts: programs take several tiles
+]
+# Their fuzzed problems: rows of each expert (an even total: K=2 slots per token), and widths in
+# multiples of 8 elements, since TMA needs 16-byte rows.
+ws_expert_rows = st.lists(st.integers(0, 400), min_size=1, max_size=9).filter(lambda c: sum(c) % 2 == 0)
+
+
+def ws_widths(max_eighths: int) -> st.SearchStrategy[int]:
+    return st.integers(1, max_eighths).map(lambda n: 8 * n)
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 

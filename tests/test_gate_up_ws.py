@@ -9,8 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import layer_step_with
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import WS_SHAPES, ws_expert_rows, ws_widths
 
 from deepseek_moe_fused import MoEConfig
 from deepseek_moe_fused._env import env_set
@@ -68,15 +70,7 @@ def _check(device, counts, K, H, I, S, block_m, dtype, save=True, tiles=_tiles.G
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("save", [True, False], ids=["preacts", "inference"])
-@pytest.mark.parametrize(
-    ("counts", "K", "H", "I", "S", "block_m"),
-    [
-        ([0, 1, 127, 128, 129, 300, 53], 3, 200, 72, 136, 128),  # empty expert, tile edges; H, I, S off the tiles
-        ([64, 0, 192, 63, 65], 2, 256, 128, 64, 64),  # 64-row tiles (4 MMA warps)
-        ([1, 255, 256, 100], 2, 2048, 1408, 2816, 128),  # v2-lite's widths; tails of 1 to 127 rows
-        ([40, 0, 33, 130, 64, 1] * 30, 2, 128, 64, 64, 128),  # 180 experts: programs take several tiles
-    ],
-)  # fmt: skip
+@pytest.mark.parametrize(("counts", "K", "H", "I", "S", "block_m"), WS_SHAPES)
 def test_matches_oracle(device, counts, K, H, I, S, block_m, dtype, save):
     _skip_unless_gate_up_ws(device, dtype)
     for stats in _check(device, counts, K, H, I, S, block_m, dtype, save):
@@ -85,10 +79,10 @@ def test_matches_oracle(device, counts, K, H, I, S, block_m, dtype, save):
 
 @pytest.mark.gpu
 @given(
-    counts=st.lists(st.integers(0, 400), min_size=1, max_size=9).filter(lambda c: sum(c) % 2 == 0),
-    H=st.integers(1, 40).map(lambda n: 8 * n),  # TMA needs 16-byte rows: multiples of 8 elements
-    I=st.integers(1, 24).map(lambda n: 8 * n),
-    S=st.integers(1, 24).map(lambda n: 8 * n),
+    counts=ws_expert_rows,
+    H=ws_widths(40),
+    I=ws_widths(24),
+    S=ws_widths(24),
     block_m=st.sampled_from([64, 128]),
     stages=st.sampled_from([2, 3, 4]),
 )
@@ -136,18 +130,7 @@ def test_layer_runs_it_and_matches_the_triton_kernel(device, monkeypatch):
         return launched[-1]
 
     monkeypatch.setattr(launch, "gate_up_ws", spy)  # gate_up_swiglu's dispatch
-    config = MoEConfig(256, 128, 2, 1, n_shared_experts=1, dtype=torch.bfloat16)
-    layer = make_layer(config, device, seed=0)
-    x = make_activations(3200, 256, seed=3, device=device).requires_grad_()
-    results = {}
-    for choice in ("auto", "off"):
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        with env_set(gate_up_ws.GATE_UP_WS_ENV, choice):
-            out = layer(x)
-            out.float().square().sum().backward()
-        grads = [x.grad] + [p.grad for p in layer.parameters()]
-        results[choice] = [out.detach().clone()] + [g.clone() for g in grads]
+    results = layer_step_with(device, gate_up_ws.GATE_UP_WS_ENV)
     assert launched == [True]  # stage 1 ran on it, in the "auto" step only
     for got, want in zip(results["auto"], results["off"], strict=True):
         stats = error_stats(got, want.double())

@@ -6,12 +6,12 @@ rule's tests and the Triton twin (test_fused_moe.py, test_backward.py)."""
 
 import pytest
 import torch
+from conftest import layer_step_with
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import WS_SHAPES, ws_expert_rows, ws_widths
 
-from deepseek_moe_fused import MoEConfig
 from deepseek_moe_fused._env import env_set
-from deepseek_moe_fused.benchmark import make_layer
 from deepseek_moe_fused.kernels import _tiles, launch
 from deepseek_moe_fused.kernels import launch_rows_matmul_ws as rows_ws
 from deepseek_moe_fused.kernels._alloc import new_output, poisoned_outputs
@@ -104,15 +104,7 @@ def _check_both_forms(device, counts, K, H, I, S, block_m, dtype, tiles):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiles", TILES, ids=_tiles_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(
-    ("counts", "K", "H", "I", "S", "block_m"),
-    [
-        ([0, 1, 127, 128, 129, 300, 53], 3, 200, 72, 136, 128),  # empty expert, tile edges; I, S off the 64-wide step
-        ([64, 0, 192, 63, 65], 2, 256, 128, 64, 64),  # 64-row tiles: one warpgroup's rows, nothing to split
-        ([1, 255, 256, 100], 2, 2048, 1408, 2816, 128),  # v2-lite's widths; tails of 1 to 127 rows
-        ([40, 0, 33, 130, 64, 1] * 30, 2, 128, 64, 64, 128),  # 180 experts: programs take several tiles
-    ],
-)  # fmt: skip
+@pytest.mark.parametrize(("counts", "K", "H", "I", "S", "block_m"), WS_SHAPES)
 def test_matches_oracle(device, counts, K, H, I, S, block_m, dtype, tiles):
     _skip_unless_rows_ws(device, dtype)
     for stats in _check_both_forms(device, counts, K, H, I, S, block_m, dtype, tiles):
@@ -121,10 +113,10 @@ def test_matches_oracle(device, counts, K, H, I, S, block_m, dtype, tiles):
 
 @pytest.mark.gpu
 @given(
-    counts=st.lists(st.integers(0, 400), min_size=1, max_size=9).filter(lambda c: sum(c) % 2 == 0),
-    H=st.integers(1, 40).map(lambda n: 8 * n),  # TMA needs 16-byte rows: multiples of 8 elements
-    I=st.integers(1, 24).map(lambda n: 8 * n),
-    S=st.integers(1, 24).map(lambda n: 8 * n),
+    counts=ws_expert_rows,
+    H=ws_widths(40),
+    I=ws_widths(24),
+    S=ws_widths(24),
     block_m=st.sampled_from([64, 128]),
     tiles=st.sampled_from(TILES),
 )
@@ -171,18 +163,7 @@ def test_layer_runs_it_and_matches_the_triton_kernel(device, monkeypatch):
         return launch_and_record
 
     monkeypatch.setattr(launch, "rows_matmul_ws", spy(launch.rows_matmul_ws))  # launch_rows_matmul's dispatch
-    config = MoEConfig(256, 128, 2, 1, n_shared_experts=1, dtype=torch.bfloat16)
-    layer = make_layer(config, device, seed=0)
-    x = make_activations(3200, 256, seed=3, device=device).requires_grad_()
-    results = {}
-    for choice in ("auto", "off"):
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        with env_set(rows_ws.ROWS_WS_ENV, choice):
-            out = layer(x)
-            out.float().square().sum().backward()
-        grads = [x.grad] + [p.grad for p in layer.parameters()]
-        results[choice] = [out.detach().clone()] + [g.clone() for g in grads]
+    results = layer_step_with(device, rows_ws.ROWS_WS_ENV)
     assert launched == [True, True]  # the down projection and dX ran on it, in the "auto" step only
     for got, want in zip(results["auto"], results["off"], strict=True):
         stats = error_stats(got, want.double())

@@ -18,6 +18,20 @@ from deepseek_moe_fused.testing import make_moe_inputs
 REPEATS = 20
 
 
+def kernel_times_us(fn, repeats: int = REPEATS, name_chars: int = 60) -> dict[str, float]:
+    """Device time per kernel name (its first `name_chars` characters) of one call of `fn`,
+    averaged over `repeats` profiled calls; warm `fn` up first."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name[:name_chars]] += event.device_time / repeats
+    return per_kernel
+
+
 def main() -> None:
     preset = sys.argv[1] if len(sys.argv) > 1 else "deepseek-v2-lite"
     sizes = [int(n) for n in sys.argv[2:]] or [1, 128, 2048]
@@ -29,14 +43,7 @@ def main() -> None:
             return moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, inputs.weights)
 
         replay_us = graph_median_ms(forward) * 1e3
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(REPEATS):
-                forward()
-            torch.cuda.synchronize()
-        per_kernel = defaultdict(float)
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                per_kernel[event.name[:60]] += event.device_time / REPEATS
+        per_kernel = kernel_times_us(forward)
         total = sum(per_kernel.values())
         print(f"\n{torch.cuda.get_device_name()} | {preset} N={n}: graph replay {replay_us:.1f} us, "
               f"sum of kernels {total:.1f} us over {len(per_kernel)} kernel names")  # fmt: skip

@@ -7,10 +7,9 @@ Run on a GPU: python tools/profile_step.py [preset] [N ...]
 """
 
 import sys
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from profile_forward import kernel_times_us  # tools/ is the script's directory, so on sys.path
 
 from deepseek_moe_fused import MoEConfig
 from deepseek_moe_fused.benchmark import graph_median_ms, make_layer
@@ -22,20 +21,12 @@ WARMUP = 3
 SHOWN = 22  # kernel names printed per step, the longest first
 
 
-def kernel_times_us(step) -> dict[str, float]:
-    """Device time per kernel name of one call of `step`, averaged over REPEATS calls."""
+def step_kernel_times_us(step) -> dict[str, float]:
+    """Device time per kernel name of one call of `step`, after WARMUP unprofiled calls."""
     for _ in range(WARMUP):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPEATS):
-            step()
-        torch.cuda.synchronize()
-    per_kernel = defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[event.name[:90]] += event.device_time / REPEATS
-    return per_kernel
+    return kernel_times_us(step, repeats=REPEATS, name_chars=90)
 
 
 def main() -> None:
@@ -51,7 +42,7 @@ def main() -> None:
             "grouped_mm": grouped_mm_fwd_bwd_step(layer, x, grad),
         }
         for name, step in steps.items():
-            per_kernel = kernel_times_us(step)
+            per_kernel = step_kernel_times_us(step)
             replay_us = graph_median_ms(step) * 1e3
             print(f"\n{torch.cuda.get_device_name()} | {preset} N={n} {name}: graph replay {replay_us:.0f} us, "
                   f"sum of kernels {sum(per_kernel.values()):.0f} us")  # fmt: skip

@@ -70,20 +70,25 @@ GATE_UP_WS_MIN_ROWS = 1536
 GATE_UP_WS = RowsWsTiles(128, 64, 4, 1)
 
 
+def _long_experts(
+    rows_per_expert: float | None, enabled: bool, min_rows: int, tiles: RowsWsTiles
+) -> RowsWsTiles | None:
+    """`tiles` where `enabled` and experts average at least `min_rows` rows, else None."""
+    if not enabled or rows_per_expert is None or rows_per_expert < min_rows:
+        return None
+    return tiles
+
+
 def gate_up_ws_tiles(rows_per_expert: float | None, enabled: bool) -> RowsWsTiles | None:
     """The warp-specialized gate/up kernel's tiles where the rule picks it (`enabled`: the card and
     Triton can run it, launch_gate_up_ws.gate_up_ws_enabled); None for the Triton kernel."""
-    if not enabled or rows_per_expert is None or rows_per_expert < GATE_UP_WS_MIN_ROWS:
-        return None
-    return GATE_UP_WS
+    return _long_experts(rows_per_expert, enabled, GATE_UP_WS_MIN_ROWS, GATE_UP_WS)
 
 
 def rows_ws_tiles(rows_per_expert: float | None, enabled: bool) -> RowsWsTiles | None:
     """The warp-specialized row-tiled GEMM's tiles where the rule picks it (`enabled`: the card
     and Triton can run it, launch_rows_matmul_ws.rows_ws_enabled); None for the Triton kernel."""
-    if not enabled or rows_per_expert is None or rows_per_expert < ROWS_WS_MIN_ROWS:
-        return None
-    return ROWS_WS
+    return _long_experts(rows_per_expert, enabled, ROWS_WS_MIN_ROWS, ROWS_WS)
 
 
 @dataclass(frozen=True)

@@ -106,10 +106,14 @@ def new_preactivations(
     return PreActivations(routed, shared, x_sorted)
 
 
-def gather_sorted_rows(src: torch.Tensor, metadata: RoutingMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(T*K, H): row r is src's row of the token sorted row r belongs to (sorted_slot[r] // K)."""
+def gather_sorted_rows(
+    src: torch.Tensor, metadata: RoutingMetadata, out: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(T*K, H): row r is src's row of the token sorted row r belongs to. `tokens`: those tokens
+    (sorted_slot // K), where a caller gathering twice computed them once."""
     out = new_output(src, (metadata.num_rows, src.shape[1])) if out is None else out
-    return torch.index_select(src, 0, metadata.sorted_slot // metadata.top_k, out=out)
+    tokens = metadata.sorted_slot // metadata.top_k if tokens is None else tokens
+    return torch.index_select(src, 0, tokens, out=out)
 
 
 def check_routing(
@@ -384,11 +388,13 @@ def moe_experts_forward(
     *,
     fuse_shared: bool = True,
     preacts: PreActivations | None = None,
+    tiles: _tiles.ExpertTiles | None = None,
 ) -> torch.Tensor:
     """Unchecked three-stage expert forward (callers validate). `fuse_shared=False` launches the
     shared MLP separately from the routed experts: the ablation that shows what fusing buys.
-    `preacts` (from `new_preactivations`) receives stage 1's pre-activations for the backward."""
-    tiles = tiles_for(x.shape[0], weights, topk_ids.shape[1])  # once for both stages
+    `preacts` (from `new_preactivations`) receives stage 1's pre-activations for the backward.
+    `tiles`: `tiles_for`'s choice where the caller has it already."""
+    tiles = tiles or tiles_for(x.shape[0], weights, topk_ids.shape[1])  # once for both stages
     if metadata is None:
         metadata = routing_metadata_for(topk_ids, weights, tiles)
     stage = {"tiles": tiles}

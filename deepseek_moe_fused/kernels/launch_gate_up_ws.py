@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import triton
 
-from .._env import env_choice
 from . import _tma
 from ._tiles import RowsWsTiles, num_sms
-from .launch_weight_grad_ws import ws_enabled
+from .launch_weight_grad_ws import switched_ws_enabled
 
 if TYPE_CHECKING:  # launch.py imports this module
     from ..routing_metadata import RoutingMetadata
@@ -32,9 +31,7 @@ def _gluon_kernel():
 
 def gate_up_ws_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `gate_up_ws` may run for operands of `dtype` on `device`."""
-    if env_choice(GATE_UP_WS_ENV, ("auto", "off"), "auto") == "off":
-        return False
-    return ws_enabled(device, dtype)
+    return switched_ws_enabled(GATE_UP_WS_ENV, device, dtype)
 
 
 class GateUpSide(NamedTuple):

@@ -50,6 +50,12 @@ def ws_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     return _is_hopper(device) and _gluon_kernel() is not None
 
 
+def switched_ws_enabled(env: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether another warp-specialized kernel, switched by `env` ("auto" or "off"), may run: the
+    switch is not off and `ws_enabled` holds."""
+    return env_choice(env, ("auto", "off"), "auto") != "off" and ws_enabled(device, dtype)
+
+
 def grouped_weight_grad_ws(
     a: torch.Tensor,
     b: torch.Tensor,
