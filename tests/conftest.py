@@ -67,6 +67,29 @@ def layer_step_with(device: torch.device, env: str) -> dict[str, list[torch.Tens
     return results
 
 
+def assert_switch_sides_agree(results: dict) -> None:
+    """Every tensor of a kernel switch's "auto" side within the bf16 tolerances of its "off" side."""
+    from deepseek_moe_fused.testing import TOLERANCES, error_stats
+
+    for got, want in zip(results["auto"], results["off"], strict=True):
+        stats = error_stats(got, want.double())
+        assert stats.within(TOLERANCES[torch.bfloat16]), stats
+
+
+def check_switch_runs_only_where_built(enabled, env: str, device: torch.device) -> None:
+    """A warp-specialized kernel's switch `enabled(device, dtype)`: never on the CPU or for fp32
+    operands (wgmma takes 16-bit ones), off under `env`=off, and a value it does not know named
+    with `env` in the error."""
+    from deepseek_moe_fused._env import env_set
+
+    assert not enabled(torch.device("cpu"), torch.bfloat16)
+    assert not enabled(device, torch.float32)
+    with env_set(env, "off"):
+        assert not enabled(device, torch.bfloat16)
+    with env_set(env, "always"), pytest.raises(ValueError, match=env):
+        enabled(device, torch.bfloat16)
+
+
 def _xdist_gpu() -> int:
     """pytest-xdist worker gwN runs on GPU N mod the device count: one worker per GPU."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")

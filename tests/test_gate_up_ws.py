@@ -9,13 +9,12 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import layer_step_with
+from conftest import assert_switch_sides_agree, check_switch_runs_only_where_built, layer_step_with
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import WS_SHAPES, ws_expert_rows, ws_widths
 
 from deepseek_moe_fused import MoEConfig
-from deepseek_moe_fused._env import env_set
 from deepseek_moe_fused.benchmark import make_layer
 from deepseek_moe_fused.kernels import _tiles, launch
 from deepseek_moe_fused.kernels import launch_gate_up_ws as gate_up_ws
@@ -132,18 +131,11 @@ def test_layer_runs_it_and_matches_the_triton_kernel(device, monkeypatch):
     monkeypatch.setattr(launch, "gate_up_ws", spy)  # gate_up_swiglu's dispatch
     results = layer_step_with(device, gate_up_ws.GATE_UP_WS_ENV)
     assert launched == [True]  # stage 1 ran on it, in the "auto" step only
-    for got, want in zip(results["auto"], results["off"], strict=True):
-        stats = error_stats(got, want.double())
-        assert stats.within(TOLERANCES[torch.bfloat16]), stats
+    assert_switch_sides_agree(results)
 
 
 def test_runs_only_where_it_was_built_for(device):
-    assert not gate_up_ws.gate_up_ws_enabled(torch.device("cpu"), torch.bfloat16)
-    assert not gate_up_ws.gate_up_ws_enabled(device, torch.float32)  # wgmma on 16-bit operands only
-    with env_set(gate_up_ws.GATE_UP_WS_ENV, "off"):
-        assert not gate_up_ws.gate_up_ws_enabled(device, torch.bfloat16)
-    with env_set(gate_up_ws.GATE_UP_WS_ENV, "always"), pytest.raises(ValueError, match=gate_up_ws.GATE_UP_WS_ENV):
-        gate_up_ws.gate_up_ws_enabled(device, torch.bfloat16)
+    check_switch_runs_only_where_built(gate_up_ws.gate_up_ws_enabled, gate_up_ws.GATE_UP_WS_ENV, device)
 
 
 @pytest.mark.parametrize(

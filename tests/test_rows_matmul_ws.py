@@ -6,7 +6,7 @@ rule's tests and the Triton twin (test_fused_moe.py, test_backward.py)."""
 
 import pytest
 import torch
-from conftest import layer_step_with
+from conftest import assert_switch_sides_agree, check_switch_runs_only_where_built, layer_step_with
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import WS_SHAPES, ws_expert_rows, ws_widths
@@ -165,18 +165,11 @@ def test_layer_runs_it_and_matches_the_triton_kernel(device, monkeypatch):
     monkeypatch.setattr(launch, "rows_matmul_ws", spy(launch.rows_matmul_ws))  # launch_rows_matmul's dispatch
     results = layer_step_with(device, rows_ws.ROWS_WS_ENV)
     assert launched == [True, True]  # the down projection and dX ran on it, in the "auto" step only
-    for got, want in zip(results["auto"], results["off"], strict=True):
-        stats = error_stats(got, want.double())
-        assert stats.within(TOLERANCES[torch.bfloat16]), stats
+    assert_switch_sides_agree(results)
 
 
 def test_runs_only_where_it_was_built_for(device):
-    assert not rows_ws.rows_ws_enabled(torch.device("cpu"), torch.bfloat16)
-    assert not rows_ws.rows_ws_enabled(device, torch.float32)  # wgmma on 16-bit operands only
-    with env_set(rows_ws.ROWS_WS_ENV, "off"):
-        assert not rows_ws.rows_ws_enabled(device, torch.bfloat16)
-    with env_set(rows_ws.ROWS_WS_ENV, "always"), pytest.raises(ValueError, match=rows_ws.ROWS_WS_ENV):
-        rows_ws.rows_ws_enabled(device, torch.bfloat16)
+    check_switch_runs_only_where_built(rows_ws.rows_ws_enabled, rows_ws.ROWS_WS_ENV, device)
 
 
 @pytest.mark.parametrize(

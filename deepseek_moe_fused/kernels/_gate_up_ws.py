@@ -16,6 +16,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from ._rows_matmul_ws import _work_item
+from ._ws_ring import _invalidate_ring_barriers, _new_ring_barriers
 
 
 @gluon.jit
@@ -224,11 +225,7 @@ def _gate_up_ws_kernel(
     x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     gate_ring = gl.allocate_shared_memory(gate_desc.dtype, [STAGES, 1, BLOCK_N, BLOCK_K], gate_desc.layout)
     up_ring = gl.allocate_shared_memory(up_desc.dtype, [STAGES, 1, BLOCK_N, BLOCK_K], up_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
+    ready, empty = _new_ring_barriers(STAGES, 1)
     gl.warp_specialize(
         [
             (_gate_up_ws_mma_partition, (x_ring, gate_ring, up_ring, ready, empty, h_ptr, h_s_ptr, pre_ptr, pre_s_ptr,
@@ -242,6 +239,4 @@ def _gate_up_ws_kernel(
         [1],  # the load partition: one warp
         [40],  # its registers (a few scalars); the MMA warps get the rest
     )  # fmt: skip
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-        mbarrier.invalidate(empty.index(i))
+    _invalidate_ring_barriers(ready, empty, STAGES)

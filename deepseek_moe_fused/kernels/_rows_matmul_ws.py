@@ -25,6 +25,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from ._ws_ring import _invalidate_ring_barriers, _invalidate_turn_barriers, _new_ring_barriers, _new_turn_barriers
+
 
 @gluon.jit
 def _work_item(item, num_shared, n_n, n_n_s, tile_expert_ptr, tile_row_start_ptr, BLOCK_M: gl.constexpr):
@@ -357,15 +359,9 @@ def _rows_matmul_ws_kernel(
         b_ring = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 1, BLOCK_N, BLOCK_K], b_desc.layout)
     else:
         b_ring = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 1, BLOCK_K, BLOCK_N], b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        # With SPLIT_M both partitions release every stage.
-        mbarrier.init(empty.index(i), count=2 if SPLIT_M else 1)
-    for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
+    # With SPLIT_M both partitions release every stage.
+    ready, empty = _new_ring_barriers(STAGES, 2 if SPLIT_M else 1)
+    turn = _new_turn_barriers()
     # (Gluon's frontend cannot concatenate tuples holding constexprs: each partition's arguments in full.)
     if GROUPS == 1:
         gl.warp_specialize(
@@ -399,8 +395,5 @@ def _rows_matmul_ws_kernel(
             [4, 1],  # the second MMA partition, the load warp
             [232, 40],  # two accumulators of 128 registers a thread; the load warp keeps 40
         )  # fmt: skip
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-        mbarrier.invalidate(empty.index(i))
-    for i in gl.static_range(2):
-        mbarrier.invalidate(turn.index(i))
+    _invalidate_ring_barriers(ready, empty, STAGES)
+    _invalidate_turn_barriers(turn)

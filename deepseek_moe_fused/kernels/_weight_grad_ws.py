@@ -22,6 +22,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from ._ws_ring import _invalidate_ring_barriers, _invalidate_turn_barriers, _new_ring_barriers, _new_turn_barriers
+
 
 @gluon.jit
 def _tile_coords(tile, n_p, n_q, BLOCK_P: gl.constexpr, BLOCK_Q: gl.constexpr):
@@ -169,14 +171,8 @@ def _grouped_weight_grad_ws_kernel(
     a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_R, BLOCK_P], a_desc.layout)
     b_ring = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_R, BLOCK_Q], b_desc.layout)
     c_smem = gl.allocate_shared_memory(out_desc.dtype, [GROUPS, 1, BLOCK_P, BLOCK_Q], out_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
+    ready, empty = _new_ring_barriers(STAGES, 1)
+    turn = _new_turn_barriers()
     # (Gluon's frontend cannot concatenate tuples holding constexprs: each partition's arguments in full.)
     if GROUPS == 1:
         gl.warp_specialize(
@@ -204,8 +200,5 @@ def _grouped_weight_grad_ws_kernel(
             # warpgroup gives back all but 40, so each MMA warpgroup can hold 232.
             [232, 40],
         )  # fmt: skip
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-        mbarrier.invalidate(empty.index(i))
-    for i in gl.static_range(2):
-        mbarrier.invalidate(turn.index(i))
+    _invalidate_ring_barriers(ready, empty, STAGES)
+    _invalidate_turn_barriers(turn)

@@ -10,10 +10,10 @@ import functools
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import triton
 
 from . import _tma
 from ._tiles import RowsWsTiles, num_sms
+from .launch_rows_matmul_ws import work_items
 from .launch_weight_grad_ws import switched_ws_enabled
 
 if TYPE_CHECKING:  # launch.py imports this module
@@ -74,10 +74,9 @@ def gate_up_ws(
     if (r.pre is None) != (s.pre is None):
         return False
     I, S = r.gate.shape[1], s.gate.shape[1]
-    bn = tiles.block_n
-    n_n, n_n_s = triton.cdiv(I, bn), triton.cdiv(S, bn)
-    num_shared = triton.cdiv(num_tokens, block_m) * n_n_s if shared is not None else 0
-    num_items = num_shared + (metadata.max_tiles * n_n if routed is not None else 0)
+    n_n, n_n_s, num_shared, num_items = work_items(
+        metadata, num_tokens, I, S, tiles.block_n, routed is not None, shared is not None
+    )  # fmt: skip
     if num_items == 0:  # no rows (a descriptor needs positive extents)
         return True
     if not (r.fits() and s.fits()):

@@ -7,7 +7,7 @@ which dispatches here, runs the Triton kernel when it returns False."""
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import triton
@@ -53,6 +53,24 @@ def _layout_ok(side: RowsMatmul | None) -> bool:
     return all(_tma.fits_descriptor(t) for t in (side.a, side.b, b2)) and side.out.stride(-1) == 1
 
 
+class WorkItems(NamedTuple):
+    """A persistent row-tiled launch's work items, numbered as `_rows_matmul_ws._work_item` reads
+    them: the shared MLP's token tiles, then the routing metadata's tiles, each times a column tile."""
+
+    n_n: int  # column tiles of the routed side
+    n_n_s: int  # column tiles of the shared side
+    num_shared: int  # the shared MLP's items (0 without it)
+    num_items: int  # all of them, the routed padding tiles included
+
+
+def work_items(
+    metadata: RoutingMetadata, num_tokens: int, n_cols: int, n_cols_s: int, block_n: int, routed: bool, shared: bool
+) -> WorkItems:
+    n_n, n_n_s = triton.cdiv(n_cols, block_n), triton.cdiv(n_cols_s, block_n)
+    num_shared = triton.cdiv(num_tokens, metadata.block_m) * n_n_s if shared else 0
+    return WorkItems(n_n, n_n_s, num_shared, num_shared + (metadata.max_tiles * n_n if routed else 0))
+
+
 def rows_matmul_ws(
     routed: RowsMatmul | None,
     shared: RowsMatmul | None,
@@ -76,10 +94,9 @@ def rows_matmul_ws(
     two = r.b2 is not None
     n_red, n_cols, *_ = r.right_operand()
     n_red_s, n_cols_s, *_ = s.right_operand()
-    bn = tiles.block_n
-    n_n, n_n_s = triton.cdiv(n_cols, bn), triton.cdiv(n_cols_s, bn)
-    num_shared = triton.cdiv(num_tokens, block_m) * n_n_s if shared is not None else 0
-    num_items = num_shared + (metadata.max_tiles * n_n if routed is not None else 0)
+    n_n, n_n_s, num_shared, num_items = work_items(
+        metadata, num_tokens, n_cols, n_cols_s, tiles.block_n, routed is not None, shared is not None
+    )  # fmt: skip
     if num_items == 0:  # no rows (a descriptor needs positive extents)
         return True
     if not (_layout_ok(routed) and _layout_ok(shared)):
