@@ -1,8 +1,9 @@
 """asv benchmarks of the fused DeepSeek MoE layer. GPU only: without CUDA every benchmark is skipped.
 
-All numbers come from `_measure.measurements` (CUDA-event medians via triton.testing.do_bench,
-warmed up, baselines in the same process), so every track of one (preset, N) shares one set of
-inputs built by the same factory the tests use.
+All numbers come from `_measure.measurements` (CUDA-event medians from
+`deepseek_moe_fused.timing.median_ms`: warmed up, the L2 emptied by a read before each run,
+baselines in the same process), so every track of one (preset, N) shares one set of inputs built
+by the same factory the tests use.
 """
 
 from ._measure import PRESET_SIZES, measurements, require_gpu

@@ -28,6 +28,7 @@ from .kernels.launch import down_proj, gate_up_swiglu, moe_experts_forward, rout
 from .moe_layer import DeepSeekMoELayer
 from .reference import naive_moe_experts
 from .testing import TOLERANCES, error_stats, make_activations, make_expert_weights
+from .timing import median_ms
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_BATCH_SIZES = [512, 1024, 4096]
@@ -75,17 +76,16 @@ def build_config(args: argparse.Namespace, on_gpu: bool) -> MoEConfig:
 
 def measure_ceilings(device: torch.device) -> Ceilings:
     """The card's two ceilings, measured here rather than taken from a datasheet."""
-    import triton.testing
 
-    def median_ms(fn):
-        return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+    def median_of(fn):
+        return median_ms(fn, warmup_ms=50, rep_ms=200, device=device)
 
     n = 8192
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    matmul_tflops = 2 * n**3 / (median_ms(lambda: a @ b) * 1e-3) / 1e12
+    matmul_tflops = 2 * n**3 / (median_of(lambda: a @ b) * 1e-3) / 1e12
     src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    copy_gbps = 2 * src.numel() / (median_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
+    copy_gbps = 2 * src.numel() / (median_of(lambda: dst.copy_(src)) * 1e-3) / 1e9
     return Ceilings(matmul_tflops, copy_gbps)
 
 
@@ -102,9 +102,7 @@ def roofline_floor_us(config: MoEConfig, topk_ids: torch.Tensor, ceilings: Ceili
 
 def time_ms(fn, on_gpu: bool) -> float:
     if on_gpu:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return median_ms(fn)
     fn()  # the interpreter has nothing to warm up but Python's caches
     times = []
     for _ in range(3):
@@ -142,8 +140,8 @@ def graph_median_ms(fn) -> float:
 def peak_mb(fn, layer=None, x=None) -> float:
     """Peak device memory of one warm call of `fn` over what was allocated before it; with `layer`
     and `x`, a training step's, whose gradients are cleared first so that the peak counts its own.
-    Measured around a single call, not inside a timing loop: triton's do_bench allocates its
-    256 MB L2-flush buffer there, and a first call allocates once-per-process state (cuBLAS
+    Measured around a single call, not inside a timing loop (whose repeated calls and L2-flush
+    reads would count too), after a first call has allocated the once-per-process state (cuBLAS
     workspaces) that a training loop pays once."""
     fn()
     if layer is not None:

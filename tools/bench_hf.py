@@ -10,10 +10,10 @@ import argparse
 from functools import partial
 
 import torch
-import triton.testing
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 from deepseek_moe_fused.hf import patch_model
+from deepseek_moe_fused.timing import median_ms
 
 
 def build_model(num_layers: int, backend: str) -> DeepseekV2ForCausalLM:
@@ -52,11 +52,11 @@ def main() -> None:
     with torch.no_grad():
         for seq, ids in inputs.items():
             logits = model(ids).logits.float()
-            unpatched[seq] = (triton.testing.do_bench(partial(model, ids), warmup=25, rep=200), logits)
+            unpatched[seq] = (median_ms(partial(model, ids), rep_ms=200), logits)
         patch_model(model)
         for seq, ids in inputs.items():
             logits = model(ids).logits.float()
-            ms = triton.testing.do_bench(partial(model, ids), warmup=25, rep=200)
+            ms = median_ms(partial(model, ids), rep_ms=200)
             ms_before, logits_before = unpatched[seq]
             rel = ((logits - logits_before).norm() / logits_before.norm()).item()
             print(f"{seq:>6} {ms_before:>26.3f} {ms:>11.3f} {ms_before / ms:>7.2f}x {rel:>12.2e}")

@@ -7,12 +7,12 @@ the routing metadata). Run on a GPU: python tools/decode_overhead.py [preset] [N
 import sys
 
 import torch
-import triton.testing
 
 from deepseek_moe_fused import MoEConfig
 from deepseek_moe_fused.benchmark import graph_median_ms
 from deepseek_moe_fused.kernels.launch import moe_experts_forward
 from deepseek_moe_fused.testing import make_moe_inputs
+from deepseek_moe_fused.timing import median_ms
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
         def forward(inputs=inputs):
             return moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, inputs.weights)
 
-        eager = triton.testing.do_bench(forward, warmup=25, rep=200, return_mode="median")
+        eager = median_ms(forward, rep_ms=200)
         replay = graph_median_ms(forward)
         print(f"{n:>6} {eager * 1e3:>10.1f} {replay * 1e3:>10.1f} {(eager - replay) * 1e3:>9.1f}")
 

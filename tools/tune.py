@@ -18,13 +18,14 @@ import time
 from functools import partial
 
 import torch
-import triton.testing
+import triton
 
 from deepseek_moe_fused import MoEConfig
 from deepseek_moe_fused.kernels import _tiles
 from deepseek_moe_fused.kernels._tiles import ExpertTiles, TileConfig
 from deepseek_moe_fused.kernels.launch import ExpertWeights, down_proj, gate_up_swiglu, routing_metadata_for
 from deepseek_moe_fused.testing import MoEInputs, make_activations, make_expert_weights, make_routing
+from deepseek_moe_fused.timing import median_ms
 
 # (block_n, block_k, num_warps, num_stages). Stage 1 holds two fp32 accumulators, so its widest
 # tiles are narrower than stage 2's. Small block_n fills the SMs in decode; wide ones reuse X in prefill.
@@ -63,7 +64,7 @@ def time_us(fn) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=40, return_mode="median") * 1e3
+    return median_ms(graph.replay, warmup_ms=10, rep_ms=40) * 1e3
 
 
 def best_stage(run, candidates, block_m) -> tuple[tuple, float]:
