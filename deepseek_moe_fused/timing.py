@@ -17,8 +17,7 @@ import statistics
 
 import torch
 
-# Several times any L2 so far (H100 50 MB, H200 60 MB): a read of it leaves none of the timed
-# code's data cached.
+# Five times the H100's 50 MB L2: a read of it leaves none of the timed code's data cached.
 L2_FLUSH_BYTES = 256 * 2**20
 # Run counts are derived from time budgets (as do_bench does), within these bounds.
 MAX_RUNS = 1000
