@@ -89,6 +89,11 @@ def measure_ceilings(device: torch.device) -> Ceilings:
     return Ceilings(matmul_tflops, copy_gbps)
 
 
+def config_json(config: MoEConfig) -> dict:
+    """`config` as the --json report writes it: its fields, the dtype as a string."""
+    return {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(config).items()}
+
+
 def roofline_floor_us(config: MoEConfig, topk_ids: torch.Tensor, ceilings: Ceilings) -> float:
     """max(FLOPs / matmul ceiling, bytes of the expert weights actually touched / copy ceiling)."""
     T, K = topk_ids.shape
@@ -384,7 +389,7 @@ def main(argv=None) -> int:
             "torch": torch.__version__,
             "triton": triton.__version__,
             "preset": args.preset,
-            "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(config).items()},
+            "config": config_json(config),
             "ceilings": asdict(ceilings) if ceilings else None,
             "rows": rows,
         }

@@ -5,12 +5,15 @@ import pathlib
 
 import pytest
 
+from deepseek_moe_fused.benchmark import config_json
+from deepseek_moe_fused.config import PRESETS
+
 _PATH = pathlib.Path(__file__).parents[1] / "tools" / "perf_table.py"
 _spec = importlib.util.spec_from_file_location("perf_table", _PATH)
 perf_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(perf_table)
 
-SEED_CONFIG = {"hidden_dim": 2048, "intermediate_dim": 2048, "num_experts": 8, "top_k": 2, "n_shared_experts": 1}
+SEED_CONFIG = config_json(PRESETS["seed"])  # as a report of the preset itself records it
 
 
 def _report(device, config, **row):
@@ -20,7 +23,7 @@ def _report(device, config, **row):
 
 def test_forward_row_with_the_issue_reference():
     report = _report(
-        "NVIDIA H100 80GB HBM3", {**SEED_CONFIG, "dtype": "torch.bfloat16"},
+        "NVIDIA H100 80GB HBM3", SEED_CONFIG,
         grouped_mm_ms=0.1131, unfused_ms=0.0491, layer_ms=0.0460,
     )  # fmt: skip
     assert perf_table.forward_rows(report) == [
@@ -32,7 +35,7 @@ def test_forward_row_with_the_issue_reference():
     "device, config",
     [
         ("cpu (triton interpreter)", {**SEED_CONFIG, "hidden_dim": 64, "dtype": "torch.float32"}),  # CPU shape
-        ("NVIDIA H100 80GB HBM3", {**SEED_CONFIG, "top_k": 4, "dtype": "torch.bfloat16"}),  # preset overridden
+        ("NVIDIA H100 80GB HBM3", {**SEED_CONFIG, "top_k": 4}),  # preset overridden
     ],
 )
 def test_no_reference_for_other_shapes_and_no_floor_without_ceilings(device, config):
