@@ -285,7 +285,7 @@ def bench_batch(config, num_tokens, layer, ceilings, on_gpu, args) -> tuple[dict
             f"{name.replace('_', ' ').title()}: {_fmt_ms(times[name])}"
             for name in (*IMPLEMENTATIONS, "layer", "fused_eager")
         ),
-        f"  Tiles: {tiles_for(num_tokens, weights, config.top_k).source}",
+        f"  Tiles: {_tiles_line(tiles_for(num_tokens, weights, config.top_k))}",
         "  Speedup: "
         + " | ".join(f"{_ratio(times[base], times['fused'])} vs {base}" for base in ("naive", "unfused", "grouped_mm"))
         + (f" | Floor: {floor:.1f}us ({row['pct_of_floor']:.0f}% of floor)" if floor else ""),
@@ -293,6 +293,12 @@ def bench_batch(config, num_tokens, layer, ceilings, on_gpu, args) -> tuple[dict
     if args.detailed:
         lines += detailed_errors(x, topk_weights, topk_ids, weights, config)
     return row, lines
+
+
+def _tiles_line(tiles) -> str:
+    if tiles.decode is None:
+        return tiles.source
+    return f"{tiles.source}; fused runs the two-launch decode path, unfused the three stages"
 
 
 def _fmt_ms(ms):

@@ -18,6 +18,7 @@ from .kernels.launch import (
     moe_experts_forward,
     new_preactivations,
     routing_metadata_for,
+    runs_decode,
     tiles_for,
 )
 from .kernels.launch_backward import moe_experts_backward
@@ -50,11 +51,12 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
     ):
         weights = ExpertWeights(gate_up_proj, down_proj, shared_gate, shared_up, shared_down)
         tiles = tiles_for(x.shape[0], weights, topk_ids.shape[1])  # once: the metadata, buffers and kernels follow it
-        metadata = routing_metadata_for(topk_ids, weights, tiles)
         ctx.backward = selected_backward()  # read at forward time: one choice per step
         # The Triton backward starts from stage 1's pre-activations, which the forward kernel
         # writes beside its output only when a backward can follow (see experts_autograd).
         save = ctx.backward == "triton" and will_backward
+        # Either backward reads the metadata; a forward that none follows may skip building it.
+        metadata = None if runs_decode(tiles) and not will_backward else routing_metadata_for(topk_ids, weights, tiles)
         preacts = new_preactivations(x, weights, metadata, tiles) if save else None
         out = moe_experts_forward(x, topk_weights, topk_ids, weights, metadata, preacts=preacts, tiles=tiles)
         # The metadata is neither an input nor an output: it is kept on ctx as autograd allows

@@ -18,6 +18,7 @@ from strategies import (
 )
 
 from deepseek_moe_fused import MoEConfig, fused_gate_up_swiglu, fused_moe_experts
+from deepseek_moe_fused._env import env_set
 from deepseek_moe_fused.kernels import _tiles
 from deepseek_moe_fused.kernels._alloc import poisoned_outputs
 from deepseek_moe_fused.kernels.launch import ExpertWeights
@@ -125,11 +126,15 @@ def _assume_above_underflow(ref: torch.Tensor, dtype: torch.dtype) -> None:
 
 @given(problem=problems())
 def test_deterministic_and_fusion_invariant(device, problem):
-    """Two runs are bitwise equal, and so is the unfused launch order (same tiles, same sums)."""
+    """Two runs are bitwise equal, and so is the unfused launch order of the three stages (same
+    tiles, same sums; the decode path, which sums slots in registers, is only run-to-run equal)."""
     inputs = _inputs(problem, device)
     first = fused_moe_experts(*inputs.kernel_args())
     assert torch.equal(first, fused_moe_experts(*inputs.kernel_args()))
-    torch.testing.assert_close(first, fused_moe_experts(*inputs.kernel_args(), fuse_shared=False), rtol=0, atol=0)
+    with env_set(_tiles.DECODE_ENV, "off"):
+        fused = fused_moe_experts(*inputs.kernel_args())
+        unfused = fused_moe_experts(*inputs.kernel_args(), fuse_shared=False)
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=0)
 
 
 @given(problem=problems(), data=st.data())

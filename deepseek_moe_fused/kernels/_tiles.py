@@ -92,6 +92,44 @@ def rows_ws_tiles(rows_per_expert: float | None, enabled: bool) -> RowsWsTiles |
 
 
 @dataclass(frozen=True)
+class GemvTiles:
+    """One launch of the decode forward (kernels/_decode.py): matrix-vector products, no block_m."""
+
+    block_n: int  # weight rows (output columns) per program
+    block_k: int  # reduction step
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    """The decode forward's two launches (launch_decode.py)."""
+
+    gate_up: GemvTiles
+    down: GemvTiles
+
+
+# "auto" (default): batches of up to DECODE_MAX_TOKENS tokens take the two-launch decode forward
+# (launch_decode.py) where no backward follows; "off": the three-stage forward at every size.
+# On the H100 it was 5-12% faster than the three stages at N = 1-2 (seed, v2-lite, V3) and 2-9%
+# slower at N=4, where each slot re-reads the weights its expert shares with other slots.
+DECODE_ENV = "DEEPSEEK_MOE_DECODE"
+DECODE_MAX_TOKENS = 2
+# Thin tiles of few warps: many programs, each with its loads in flight, stream best. Of 13
+# candidates these two were within 4% of each N's best (docs/perf-notes.md, "The decode forward").
+DECODE = DecodeTiles(GemvTiles(2, 512, 2, 3), GemvTiles(1, 512, 1, 3))
+
+
+def decode_tiles(num_tokens: int, interpret: bool) -> DecodeTiles | None:
+    """The decode forward's tiles where the rule picks it, else None (the three-stage forward)."""
+    if num_tokens > DECODE_MAX_TOKENS or tiles_forced() or env_choice(DECODE_ENV, ("auto", "off"), "auto") == "off":
+        return None
+    if interpret:  # small tiles: the interpreter's cost grows with the tile, not the grid
+        return DecodeTiles(GemvTiles(16, 32, 4, 1), GemvTiles(16, 32, 4, 1))
+    return DECODE
+
+
+@dataclass(frozen=True)
 class ExpertTiles:
     """Both stages' tiles for one problem; they share block_m (the routing metadata's tile height)."""
 
@@ -100,6 +138,7 @@ class ExpertTiles:
     source: str  # "tuned (<card>)", "heuristic" or "interpreter": the benchmark prints it
     down_ws: RowsWsTiles | None = None  # the down projection on the warp-specialized kernel instead
     gate_up_ws: RowsWsTiles | None = None  # stage 1 on the warp-specialized kernel, over X in sorted rows
+    decode: DecodeTiles | None = None  # the two-launch decode forward, where no backward follows
 
     @property
     def block_m(self) -> int:

@@ -16,6 +16,7 @@ from ._alloc import new_output
 from ._combine import _combine_kernel
 from ._gate_up import _gate_up_swiglu_kernel
 from ._rows_matmul import _rows_matmul_kernel
+from .launch_decode import decode_forward
 from .launch_gate_up_ws import GateUpSide, gate_up_ws, gate_up_ws_enabled
 from .launch_rows_matmul_ws import rows_matmul_ws, rows_ws_enabled
 
@@ -164,7 +165,16 @@ def tiles_for(num_tokens: int, weights: ExpertWeights, top_k: int) -> _tiles.Exp
         tiles = replace(tiles, gate_up_ws=gate_up_ws_tiles)
     if down_ws is not None and rows_ws_enabled(w.device, w.dtype):
         tiles = replace(tiles, down_ws=down_ws)
+    decode = _tiles.decode_tiles(num_tokens, interpreter_active())
+    if decode is not None:
+        tiles = replace(tiles, decode=decode)
     return tiles
+
+
+def runs_decode(tiles: _tiles.ExpertTiles, fuse_shared: bool = True, preacts: PreActivations | None = None) -> bool:
+    """Whether `moe_experts_forward` takes the two-launch decode path, which needs no routing
+    metadata: the rule picked it, the shared MLP is fused, and no backward reads pre-activations."""
+    return tiles.decode is not None and fuse_shared and preacts is None
 
 
 def routing_metadata_for(
@@ -390,11 +400,15 @@ def moe_experts_forward(
     preacts: PreActivations | None = None,
     tiles: _tiles.ExpertTiles | None = None,
 ) -> torch.Tensor:
-    """Unchecked three-stage expert forward (callers validate). `fuse_shared=False` launches the
-    shared MLP separately from the routed experts: the ablation that shows what fusing buys.
+    """Unchecked expert forward (callers validate): three stages, or two launches without routing
+    metadata for a few tokens (`runs_decode`; `metadata` is then unused). `fuse_shared=False`
+    launches the shared MLP separately from the routed experts (three-stage): the ablation that
+    shows what fusing buys.
     `preacts` (from `new_preactivations`) receives stage 1's pre-activations for the backward.
     `tiles`: `tiles_for`'s choice where the caller has it already."""
     tiles = tiles or tiles_for(x.shape[0], weights, topk_ids.shape[1])  # once for both stages
+    if runs_decode(tiles, fuse_shared, preacts):
+        return decode_forward(x, topk_weights, topk_ids, weights, tiles.decode)
     if metadata is None:
         metadata = routing_metadata_for(topk_ids, weights, tiles)
     stage = {"tiles": tiles}
