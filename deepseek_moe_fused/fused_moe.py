@@ -48,7 +48,8 @@ def fused_moe_experts(
 
     out[t] = sum_k topk_weights[t, k] * expert_{ids[t, k]}(x[t]) + shared(x[t]), where each MLP
     is down(silu(gate(x)) * up(x)). Three launches: gate/up+SwiGLU for routed and shared rows
-    together, down with the routing weight applied, and a fixed-order combine.
+    together, down with the routing weight applied, and a fixed-order combine; at a few tokens
+    two (the decode forward, kernels/launch_decode.py: no routing metadata, no combine).
 
     `validate_ids` reads the ids' range back to the host (a sync): pass False on a hot path whose
     ids are valid by construction. `fuse_shared=False` runs the shared MLP as separate launches.

@@ -108,6 +108,10 @@ def assume_well_conditioned(kernel_args: tuple, ref: torch.Tensor) -> None:
     then over I), so typically sqrt(H * I). `kernel_args`: (x, topk_weights, topk_ids,
     gate_up_proj, down_proj, *shared), as the oracle takes them."""
     x, _, _, gate_up_proj, _, *shared = kernel_args
+    if x.dtype == torch.float16 and ref.numel():
+        # Below fp16's smallest normal (6.1e-5) outputs round to a fixed step of 6e-8: an error
+        # relative to them measures the format, not the kernels.
+        assume(ref.abs().max() >= torch.finfo(torch.float16).tiny)
     inner = max(gate_up_proj.shape[1] // 2, shared[0].shape[0] if shared and shared[0] is not None else 0, 1)
     assume_little_cancellation(oracle_magnitude(*kernel_args), ref, (x.shape[1] * inner) ** 0.5)
 

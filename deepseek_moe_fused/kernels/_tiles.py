@@ -111,7 +111,7 @@ class DecodeTiles:
 
 # "auto" (default): batches of up to DECODE_MAX_TOKENS tokens take the two-launch decode forward
 # (launch_decode.py) where no backward follows; "off": the three-stage forward at every size.
-# On the H100 it was 5-12% faster than the three stages at N = 1-2 (seed, v2-lite, V3) and 2-9%
+# On the H100 it was 3-12% faster than the three stages at N = 1-2 (seed, v2-lite, V3) and 2-9%
 # slower at N=4, where each slot re-reads the weights its expert shares with other slots.
 DECODE_ENV = "DEEPSEEK_MOE_DECODE"
 DECODE_MAX_TOKENS = 2
