@@ -125,13 +125,11 @@ def test_layer_decode_forward_and_its_backward(device, monkeypatch, backward):
         out_grad = layer(x_grad)
         out_grad.square().sum().backward()
         assert torch.isfinite(x_grad.grad).all() and x_grad.grad.abs().sum() > 0
-        built = moe_layer.routing_metadata_for
 
         def no_metadata(*args, **kwargs):
             raise AssertionError("a forward without backward built routing metadata")
 
-        monkeypatch.setattr(moe_layer, "routing_metadata_for", no_metadata)
-        with torch.no_grad():
+        with monkeypatch.context() as patch, torch.no_grad():
+            patch.setattr(moe_layer, "routing_metadata_for", no_metadata)
             out = layer(x)
-        monkeypatch.setattr(moe_layer, "routing_metadata_for", built)
     torch.testing.assert_close(out, out_grad.detach(), rtol=1e-4, atol=1e-5)
