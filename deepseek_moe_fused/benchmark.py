@@ -298,7 +298,7 @@ def bench_batch(config, num_tokens, layer, ceilings, on_gpu, args) -> tuple[dict
 def _tiles_line(tiles) -> str:
     if tiles.decode is None:
         return tiles.source
-    return f"{tiles.source}; fused runs the two-launch decode path, unfused the three stages"
+    return f"{tiles.source}; decode path: fused in two launches, unfused in four and an add"
 
 
 def _fmt_ms(ms):

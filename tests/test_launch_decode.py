@@ -47,6 +47,27 @@ def test_decode_matches_oracle(device, problem):
     _check(out, ref, config.dtype)
 
 
+@given(problem=decode_problems())
+@example(problem=(MoEConfig(33, 17, 7, 3, n_shared_experts=2), 2, "repeated_expert", 1.0, 0))
+@example(problem=(MoEConfig(33, 17, 7, 3, n_shared_experts=0), 2, "uniform", 1.0, 1))  # no shared part
+def test_decode_parts_add_up_to_the_layer(device, problem):
+    """The unfused ablation's parts: routed slots alone plus the shared MLP alone (each its own two
+    launches) against the oracle, summed in float64."""
+    config, T, kind, scale, seed = problem
+    inputs = make_moe_inputs(config, T, routing=kind, seed=seed, x_scale=scale, device=device)
+    args = (inputs.x, inputs.topk_weights, inputs.topk_ids, inputs.weights, SMALL)
+    with poisoned_outputs():
+        routed = decode_forward(*args, shared=False)
+        shared = decode_forward(*args, routed=False)
+    if not config.n_shared_experts:
+        assert torch.equal(shared, torch.zeros_like(shared))  # no part left: zeros, not the poison
+    ref = oracle_moe_experts(*inputs.kernel_args())
+    assume_well_conditioned(inputs.kernel_args(), ref)
+    # Each part rounds to the dtype once before the sum: two roundings where the fused path has one.
+    summed = (routed.double() + shared.double()).to(config.dtype)
+    _check(summed, ref, config.dtype)
+
+
 @pytest.mark.parametrize(
     "H, I, S, K",
     [
@@ -79,13 +100,12 @@ def test_rule_picks_decode_up_to_max_tokens(device, T):
         assert tiles_for(T, inputs.weights, 2).decode is None
 
 
-def test_decode_needs_fused_shared_and_no_saved_preactivations(device):
+def test_decode_needs_no_saved_preactivations(device):
     inputs = make_moe_inputs(MoEConfig(32, 16, 4, 2), 1, device=device)
     tiles = tiles_for(1, inputs.weights, 2)
     metadata = launch.routing_metadata_for(inputs.topk_ids, inputs.weights)
     preacts = launch.new_preactivations(inputs.x, inputs.weights, metadata)
     assert runs_decode(tiles)
-    assert not runs_decode(tiles, fuse_shared=False)
     assert not runs_decode(tiles, preacts=preacts)
 
 
@@ -104,9 +124,10 @@ def test_fused_entry_point_takes_decode_and_matches_three_stage(device, monkeypa
     out = fused_moe_experts(*inputs.kernel_args())
     _check(out, oracle_moe_experts(*inputs.kernel_args()), config.dtype)
     torch.testing.assert_close(out, three_stage, rtol=1e-4, atol=1e-5)
-    # The unfused ablation stays on the three stages: it needs the metadata.
-    with pytest.raises(AssertionError, match="routing metadata"):
-        moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, inputs.weights, fuse_shared=False)
+    # The unfused ablation takes the decode path too: the ratio of the two isolates the fusion.
+    with poisoned_outputs():
+        unfused = moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, inputs.weights, fuse_shared=False)
+    torch.testing.assert_close(unfused, out, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backward", ["triton", "torch"])

@@ -61,11 +61,12 @@ def _decode_gate_up_kernel(
     stride_sn,
     stride_hr,
     stride_hs,
+    ROUTED: tl.constexpr,  # off: the shared MLP alone (the unfused ablation's second launch)
     SHARED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Grid: (T*K * cdiv(I, BLOCK_N) + [SHARED] T * cdiv(S, BLOCK_N),).
+    """Grid: ([ROUTED] T*K * cdiv(I, BLOCK_N) + [SHARED] T * cdiv(S, BLOCK_N),).
 
     Programs [0, T*K * cdiv(I, BLOCK_N)) own BLOCK_N columns of one slot's h, the rest BLOCK_N
     columns of one token's shared h. Consecutive programs take the same columns of different
@@ -74,7 +75,7 @@ def _decode_gate_up_kernel(
     """
     pid = tl.program_id(0)
     num_slots = T * top_k
-    num_routed = num_slots * tl.cdiv(I, BLOCK_N)
+    num_routed = num_slots * tl.cdiv(I, BLOCK_N) if ROUTED else 0
     if pid < num_routed:
         slot = pid % num_slots
         expert = tl.load(topk_ids_ptr + slot).to(tl.int64)
@@ -118,21 +119,23 @@ def _decode_down_kernel(
     stride_sh,
     stride_ot,
     TOP_K: tl.constexpr,  # unrolled: every slot's weight loads can be in flight at once
+    ROUTED: tl.constexpr,  # off: the shared MLP alone (the unfused ablation)
     SHARED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Grid: (T * cdiv(H, BLOCK_N),); one program owns BLOCK_N output columns of one token.
 
-    out[t] = sum_k w[t, k] * (h[t, k] @ W_down[e[t, k]]^T) + h_shared[t] @ W_shared_down^T, in
-    fp32, slot 0 first and the shared MLP last (the combine's order), rounded once at the store.
+    out[t] = sum_k w[t, k] * (h[t, k] @ W_down[e[t, k]]^T) [ROUTED] + h_shared[t] @ W_shared_down^T
+    [SHARED], in fp32, slot 0 first and the shared MLP last (the combine's order), rounded once at
+    the store.
     """
     pid = tl.program_id(0)
     token = pid % T
     offs_n = (pid // T).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
+    for k in tl.static_range(TOP_K if ROUTED else 0):
         slot = token * TOP_K + k
         expert = tl.load(topk_ids_ptr + slot).to(tl.int64)
         weight = tl.load(topk_weights_ptr + slot).to(tl.float32)

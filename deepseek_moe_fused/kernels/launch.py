@@ -171,10 +171,10 @@ def tiles_for(num_tokens: int, weights: ExpertWeights, top_k: int) -> _tiles.Exp
     return tiles
 
 
-def runs_decode(tiles: _tiles.ExpertTiles, fuse_shared: bool = True, preacts: PreActivations | None = None) -> bool:
-    """Whether `moe_experts_forward` takes the two-launch decode path, which needs no routing
-    metadata: the rule picked it, the shared MLP is fused, and no backward reads pre-activations."""
-    return tiles.decode is not None and fuse_shared and preacts is None
+def runs_decode(tiles: _tiles.ExpertTiles, preacts: PreActivations | None = None) -> bool:
+    """Whether `moe_experts_forward` takes the decode path, which needs no routing metadata: the
+    rule picked it and no backward reads pre-activations."""
+    return tiles.decode is not None and preacts is None
 
 
 def routing_metadata_for(
@@ -402,13 +402,17 @@ def moe_experts_forward(
 ) -> torch.Tensor:
     """Unchecked expert forward (callers validate): three stages, or two launches without routing
     metadata for a few tokens (`runs_decode`; `metadata` is then unused). `fuse_shared=False`
-    launches the shared MLP separately from the routed experts (three-stage): the ablation that
+    launches the shared MLP separately from the routed experts, on either path: the ablation that
     shows what fusing buys.
     `preacts` (from `new_preactivations`) receives stage 1's pre-activations for the backward.
     `tiles`: `tiles_for`'s choice where the caller has it already."""
     tiles = tiles or tiles_for(x.shape[0], weights, topk_ids.shape[1])  # once for both stages
-    if runs_decode(tiles, fuse_shared, preacts):
-        return decode_forward(x, topk_weights, topk_ids, weights, tiles.decode)
+    if runs_decode(tiles, preacts):
+        if fuse_shared or not weights.has_shared:
+            return decode_forward(x, topk_weights, topk_ids, weights, tiles.decode)
+        y_routed = decode_forward(x, topk_weights, topk_ids, weights, tiles.decode, shared=False)
+        y_shared = decode_forward(x, topk_weights, topk_ids, weights, tiles.decode, routed=False)
+        return combine(y_routed.unsqueeze(1), y_shared)
     if metadata is None:
         metadata = routing_metadata_for(topk_ids, weights, tiles)
     stage = {"tiles": tiles}
