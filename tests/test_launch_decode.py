@@ -52,7 +52,7 @@ def test_decode_matches_oracle(device, problem):
 @example(problem=(MoEConfig(33, 17, 7, 3, n_shared_experts=0), 2, "uniform", 1.0, 1))  # no shared part
 def test_decode_parts_add_up_to_the_layer(device, problem):
     """The unfused ablation's parts: routed slots alone plus the shared MLP alone (each its own two
-    launches) against the oracle, summed in float64."""
+    launches), added in float64 and rounded once as the combine does, against the oracle."""
     config, T, kind, scale, seed = problem
     inputs = make_moe_inputs(config, T, routing=kind, seed=seed, x_scale=scale, device=device)
     args = (inputs.x, inputs.topk_weights, inputs.topk_ids, inputs.weights, SMALL)

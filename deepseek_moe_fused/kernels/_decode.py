@@ -68,10 +68,10 @@ def _decode_gate_up_kernel(
 ):
     """Grid: ([ROUTED] T*K * cdiv(I, BLOCK_N) + [SHARED] T * cdiv(S, BLOCK_N),).
 
-    Programs [0, T*K * cdiv(I, BLOCK_N)) own BLOCK_N columns of one slot's h, the rest BLOCK_N
-    columns of one token's shared h. Consecutive programs take the same columns of different
-    slots, so slots that picked the same expert read its weight tile at about the same time and
-    the second read comes from L2.
+    The routed programs (the first T*K * cdiv(I, BLOCK_N), none without ROUTED) own BLOCK_N
+    columns of one slot's h, the rest BLOCK_N columns of one token's shared h. Consecutive
+    programs take the same columns of different slots, so slots that picked the same expert read
+    its weight tile at about the same time and the second read comes from L2.
     """
     pid = tl.program_id(0)
     num_slots = T * top_k
