@@ -117,8 +117,22 @@ def time_ms(fn, on_gpu: bool) -> float:
     return statistics.median(times)
 
 
+class GraphReplay:
+    """A CUDA graph and the callable it was captured from. The graph reads and writes the tensors
+    that the callable's closure holds, at the addresses they had during capture: holding the
+    callable here keeps them allocated as long as the replay can run (a caller that dropped them
+    would otherwise replay into freed, maybe reused, memory)."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, captured) -> None:
+        self.graph = graph
+        self.captured = captured  # owns the graph's inputs and outputs
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
 def replayable(fn):
-    """`fn` captured in a CUDA graph, as the graph's replay: the kernels without the Python launch
+    """`fn` captured in a CUDA graph, as a `GraphReplay`: the kernels without the Python launch
     overhead (the forward makes no host sync, so it captures). `fn` itself where it cannot be
     captured."""
     fn()  # compile and allocate before capture
@@ -134,7 +148,7 @@ def replayable(fn):
     except RuntimeError:
         torch.cuda.synchronize()
         return fn
-    return graph.replay
+    return GraphReplay(graph, fn)
 
 
 def graph_median_ms(fn) -> float:

@@ -74,6 +74,36 @@ def test_backward_reads_the_forwards_sorted_rows(device):
         assert torch.equal(got, want), name
 
 
+@pytest.mark.parametrize(
+    "swiglu",
+    [
+        (1, 64, 4),  # one row per program, the GPU rule's shape: one step, 40 of its 64 columns masked
+        (4, 16, 4),  # several rows per program: a whole step and a half-masked one
+    ],
+)
+def test_swiglu_backward_tiling_moves_only_the_routing_weight_sums(device, swiglu):
+    """The SwiGLU backward is elementwise but for each routing weight's row sum: with other tiles
+    every gradient but the routing weights' is bitwise the same, and those are the same sums in
+    other orders. Runs the GPU's one-row-per-program shape in the interpreter too."""
+    config = MoEConfig(40, 24, 5, 2, n_shared_experts=1, dtype=torch.float16)
+    inputs = make_moe_inputs(config, 29, seed=5, device=device)
+    w = inputs.weights
+    metadata = routing_metadata_for(inputs.topk_ids, w)
+    grad_out = make_activations(29, 40, seed=6, dtype=config.dtype, device=device)
+    base = _tiles.backward_tiles(metadata.block_m, 40, 24, device.type != "cuda", 2, 29 * 2 / 5)
+    grads = []
+    for tiles in (base, replace(base, swiglu=_tiles.ElementwiseTiles(*swiglu))):
+        with poisoned_outputs():
+            preacts = new_preactivations(inputs.x, w, metadata)
+            moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, w, metadata, preacts=preacts)
+            grads.append(moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata, preacts, tiles))
+    for name, got, want in zip(GRAD_NAMES, *grads, strict=True):
+        if name == "topk_weights":  # fp32 sums of 24 terms in other orders: a few ulp of the largest
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        else:
+            assert torch.equal(got, want), name
+
+
 def _rounding_terms(inputs, grad_out) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 scales of the rounding error of two gradients: (T, K) for the routing weights,
     (T, H) for dX.

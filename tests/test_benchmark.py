@@ -60,3 +60,28 @@ def test_ep_cli_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Expert parallel: 2 ranks" in result.stdout
     assert [line.split()[0] for line in result.stdout.splitlines()[-2:]] == ["0", "3"]
+
+
+@pytest.mark.gpu
+def test_replay_keeps_its_captured_tensors():
+    """A replay outlives the caller's references to what it was captured from: its input stays
+    allocated (not freed and reused by the next allocation) and each replay recomputes the output."""
+    import functools
+    import gc
+    import weakref
+
+    x = torch.randn(1 << 20, device="cuda")
+    out = torch.empty_like(x)
+    # A partial holds its arguments (a lambda would read the names below, which `del` unbinds).
+    replay = benchmark.replayable(functools.partial(torch.mul, x, 2.0, out=out))
+    x_alive, out_alive = weakref.ref(x), weakref.ref(out)
+    expected = x * 2.0
+    del x, out
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.randn(1 << 20, device="cuda")  # would take the input's block had it been freed
+    assert x_alive() is not None and out_alive() is not None
+    out_alive().fill_(float("nan"))  # poison: only the replay writes it back
+    replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out_alive(), expected, rtol=0, atol=0)

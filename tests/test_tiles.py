@@ -1,6 +1,7 @@
 """Tile choice: the tuned table's lookup, its fallbacks, and the env override."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -123,6 +124,31 @@ def test_short_experts_get_the_short_weight_gradient_tile(monkeypatch):
     # fp32 keeps its measured fit: the short tile was only measured in 16 bits.
     fp32 = _tiles.backward_tiles(128, 2048, 1408, False, itemsize=4, rows_per_expert=192)
     assert fp32.weight_grad == _tiles.backward_tiles(128, 2048, 1408, False, itemsize=4).weight_grad
+
+
+def test_short_experts_get_narrow_dy_w_down_tiles(monkeypatch):
+    monkeypatch.delenv(_tiles.FORCE_TILES_ENV, raising=False)
+    short = _tiles.backward_tiles(128, 2048, 1408, False, rows_per_expert=48)  # v2-lite N=512
+    edge = _tiles.backward_tiles(128, 2048, 2048, False, rows_per_expert=128)  # seed N=512: measured even
+    many = _tiles.backward_tiles(128, 2048, 1408, False)  # unknown: many rows
+    assert short.down_grad == replace(many.down_grad, block_n=128)
+    assert edge.down_grad.block_n == many.down_grad.block_n == 256
+    assert short.dx == many.dx  # dX measured no better with 128 columns
+
+
+@pytest.mark.parametrize(
+    ("inner_dim", "tile"),
+    [
+        (1408, (1, 1024, 4)),  # v2-lite: one row per program in two steps, the second part masked
+        (2048, (1, 1024, 4)),  # seed
+        (96, (8, 128, 4)),  # narrow rows: several per program, 1024 elements a step
+        (8, (64, 16, 4)),  # narrower than the 16-column floor
+    ],
+)
+def test_swiglu_backward_tiles_step_over_1024_elements(inner_dim, tile):
+    tiles = _tiles.swiglu_backward_tiles(inner_dim)
+    assert tiles == _tiles.ElementwiseTiles(*tile)
+    assert _tiles.backward_tiles(128, 2048, inner_dim, False).swiglu == tiles
 
 
 @pytest.mark.parametrize(

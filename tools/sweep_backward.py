@@ -31,9 +31,41 @@ from deepseek_moe_fused.testing import make_activations
 # (block_n, block_k, num_warps, num_stages) of the two row-tiled GEMMs; (block_m, block_n,
 # num_warps) of the elementwise SwiGLU backward; weight-gradient tiles as (block_p, block_q,
 # block_r, num_warps, num_stages).
-DOWN_GRAD = [(256, 64, 8, 3), (256, 32, 8, 4), (256, 64, 8, 4), (128, 64, 8, 4), (128, 64, 4, 4)]
-SWIGLU = [(16, 256, 4), (8, 512, 4), (32, 128, 4), (4, 1024, 4), (32, 256, 8)]
-DX = [(256, 32, 8, 4), (256, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 5)]
+DOWN_GRAD = [
+    (256, 64, 8, 3),
+    (256, 32, 8, 4),
+    (256, 64, 8, 4),
+    (128, 64, 8, 4),
+    (128, 64, 4, 4),
+    (128, 64, 8, 3),  # two programs per SM: one's epilogue beside the other's loads
+    (128, 128, 8, 3),
+    (64, 128, 4, 4),
+]
+SWIGLU = [
+    (16, 256, 4),
+    (8, 512, 4),
+    (32, 128, 4),
+    (4, 1024, 4),
+    (32, 256, 8),
+    (4, 512, 4),  # more programs: a one-wave grid balanced over the SMs
+    (2, 1024, 4),
+    (8, 256, 4),
+    (4, 256, 2),
+    (2, 512, 2),
+    (2, 2048, 8),
+    (4, 1024, 8),
+    (1, 1024, 4),
+]
+DX = [
+    (256, 32, 8, 4),
+    (256, 32, 8, 3),
+    (128, 64, 8, 3),
+    (128, 32, 4, 5),
+    (256, 64, 8, 4),
+    (256, 64, 8, 3),
+    (128, 64, 8, 4),
+    (128, 128, 8, 3),
+]
 WEIGHT_GRAD = [
     (128, 128, 64, 8, 3),
     (128, 128, 32, 4, 4),

@@ -406,6 +406,24 @@ def _weight_grad_tiles(itemsize: int, rows_per_expert: float | None, tma: bool) 
     return TileConfig(128, 256, 32, 8, 4), True
 
 
+# Below this many mean rows per expert, dY W_down takes 128-column tiles (two programs per SM)
+# instead of 256: on the H100, 138 against 154 us at v2-lite N=512 (48 rows), equal at 96 and 128
+# rows, slower from 192 (tools/sweep_backward.py, docs/perf-notes.md, session 21).
+SHORT_DOWN_GRAD_ROWS = 128
+# Elements of a row one SwiGLU-backward program loads per step: one row of 1024 per program fills
+# the grid with programs (a single wave at 16 rows per program left SMs with one more program than
+# others). On the H100 it ran at 2.8-2.96 TB/s against 2.1-2.8 for 16 x 256 at seed and v2-lite N
+# = 512-16384 (v2-lite N=1024 65 -> 48 us, seed N=16384 435 -> 408; session 21).
+SWIGLU_STEP_ELEMENTS = 1024
+
+
+def swiglu_backward_tiles(inner_dim: int) -> ElementwiseTiles:
+    """One row per program over widths from 1024 up; several rows per program under it, keeping
+    SWIGLU_STEP_ELEMENTS per step."""
+    block_n = _pow2_clamp(inner_dim, 16, SWIGLU_STEP_ELEMENTS)
+    return ElementwiseTiles(SWIGLU_STEP_ELEMENTS // block_n, block_n, 4)
+
+
 def backward_tiles(
     block_m: int,
     hidden_dim: int,
@@ -431,11 +449,13 @@ def backward_tiles(
     wide = itemsize <= 2
     block_n = 256 if block_m >= 128 and wide else 128
     down_grad = TileConfig(block_m, block_n, 64 if wide else 32, warps, 3)
+    if rows_per_expert is not None and rows_per_expert < SHORT_DOWN_GRAD_ROWS:
+        down_grad = replace(down_grad, block_n=min(block_n, 128))
     dx = TileConfig(block_m, block_n, 64 if wide else 32, warps, 4 if wide else 3)
     weight_grad, weight_grad_tma = _weight_grad_tiles(itemsize, rows_per_expert, tma)
     weight_grad_ws = _weight_grad_ws_tiles(rows_per_expert, ws)
     tiles = BackwardTiles(
-        down_grad, ElementwiseTiles(16, 256, 4), dx, weight_grad, weight_grad_tma, "heuristic", weight_grad_ws,
+        down_grad, swiglu_backward_tiles(inner_dim), dx, weight_grad, weight_grad_tma, "heuristic", weight_grad_ws,
         rows_ws_tiles(rows_per_expert, rows_ws),
     )  # fmt: skip
     spec = _force_spec()
