@@ -59,8 +59,11 @@ test-cpu:
 # GPU_WORKERS_PER_GPU xdist workers per GPU overlap them. On 2 H100s (8 workers) the whole tier
 # took 424 s, its longest test 263 s. conftest pins worker N to GPU N mod the GPU count.
 GPU_WORKERS_PER_GPU ?= 4
+# Tests marked card_alone time the GPU, so other workers must not share it: they run afterwards,
+# in one process.
 test-gpu:
 	$(PYTEST) -n $$(( $(NUM_GPUS) * $(GPU_WORKERS_PER_GPU) )) --hypothesis-profile=gpu --junitxml=junit-gpu.xml
+	$(PYTEST) -m card_alone --hypothesis-profile=gpu --junitxml=junit-gpu-card-alone.xml
 
 test-nightly:
 	$(PYTEST) -n $(if $(filter 1,$(HAS_GPU)),$(NUM_GPUS),$(CPU_WORKERS)) --hypothesis-profile=nightly

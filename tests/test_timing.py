@@ -15,14 +15,14 @@ def test_refuses_without_cuda():
 
 def _least_of(rounds: int, *timings) -> list[float]:
     """Each timing's smallest median over `rounds` rounds taken in turn. Other work on the card
-    (the GPU tier's other xdist workers) only ever adds time, and a measurement it landed on can
-    invert a comparison (one read a warm 16 MB sum at 2x the cold one): the least of a few is the
-    card's own time."""
+    (another process; the tier keeps its own workers off, `card_alone`) only ever adds time, and a
+    measurement it landed on can invert a comparison: the least of a few is the card's own time."""
     rounds_of_medians = [[timing() for timing in timings] for _ in range(rounds)]
     return [min(medians) for medians in zip(*rounds_of_medians)]
 
 
 @pytest.mark.gpu
+@pytest.mark.card_alone
 def test_flush_is_outside_the_timed_region(device):
     # Each flush reads 256 MB (~100 us on an H100); a 4 KB add takes a few us. Were the flush
     # timed, the median would be at least the read's time.
@@ -35,6 +35,7 @@ def test_flush_is_outside_the_timed_region(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.card_alone
 def test_each_run_starts_with_a_cold_l2(device):
     # 16 MB fits any L2 the project targets: read warm it comes from the cache, after the flush from
     # HBM, at a fraction of the cache's bandwidth (H100: ~10 TB/s against ~3).
