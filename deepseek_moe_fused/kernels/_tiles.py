@@ -410,10 +410,10 @@ def _weight_grad_tiles(itemsize: int, rows_per_expert: float | None, tma: bool) 
 # instead of 256: on the H100, 138 against 154 us at v2-lite N=512 (48 rows), equal at 96 and 128
 # rows, slower from 192 (tools/sweep_backward.py, docs/perf-notes.md, session 21).
 SHORT_DOWN_GRAD_ROWS = 128
-# Elements of a row one SwiGLU-backward program loads per step: one row of 1024 per program fills
-# the grid with programs (a single wave at 16 rows per program left SMs with one more program than
-# others). On the H100 it ran at 2.8-2.96 TB/s against 2.1-2.8 for 16 x 256 at seed and v2-lite N
-# = 512-16384 (v2-lite N=1024 65 -> 48 us, seed N=16384 435 -> 408; session 21).
+# Elements of a row one SwiGLU-backward program loads per step. One row of 1024 per program gives
+# the grid 16x the programs of 16 rows x 256 (v2-lite N=1024 had 448 of those for 132 SMs). On the
+# H100 it ran at 2.86-2.96 TB/s against 2.1-2.8 for 16 x 256 at seed and v2-lite N = 1024-16384
+# (v2-lite N=1024 65 -> 48 us, seed N=16384 435 -> 408; docs/perf-notes.md, session 21).
 SWIGLU_STEP_ELEMENTS = 1024
 
 
