@@ -69,6 +69,26 @@ def max_routed_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
     return num_rows // block_m + min(num_experts, num_rows)
 
 
+# The metadata is one launch where every program of the row-placing kernel can count all slots,
+# and those of the chunks before its own, itself (two histograms) in place of the histogram and
+# scan launches: up to ONE_LAUNCH_MAX_ROWS slots, and up to ONE_LAUNCH_MAX_COUNTS (slots rounded up
+# to a power of two) x bins. On the H100 (session 21) the build took 15.1-15.5 -> 8.4-10.0 us at
+# seed N = 128-1024 (16 bins) and 16.3 -> 14.2 at v2-lite N=128 (1024 x 128), but 16.3 -> 18.8 at
+# v2-lite N=256 (2048 x 128). A single chunk is always one launch.
+ONE_LAUNCH_MAX_ROWS = 2048
+ONE_LAUNCH_MAX_COUNTS = 2**17
+# Slots per chunk of the row-placing kernel (each ranks its slots by a CHUNK_ROWS^2 comparison).
+CHUNK_ROWS = 128
+
+
+def metadata_in_one_launch(num_rows: int, num_experts: int) -> bool:
+    """Whether `build_routing_metadata` places `num_rows` slots in one launch."""
+    block_all = triton.next_power_of_2(max(num_rows, 1))
+    num_bins = triton.next_power_of_2(num_experts + 1)
+    single_chunk = num_rows <= CHUNK_ROWS
+    return single_chunk or (num_rows <= ONE_LAUNCH_MAX_ROWS and block_all * num_bins <= ONE_LAUNCH_MAX_COUNTS)
+
+
 # Elements of the (chunks, bins) tile one step of the chunk scan holds (8 warps: 32 a thread).
 SCAN_TILE_ELEMENTS = 8192
 
@@ -97,7 +117,8 @@ def build_routing_metadata(
     block_m: int,
 ) -> RoutingMetadata:
     """Group the T*K slots by expert (stable: slot order within an expert) and cut each expert's
-    rows into tiles of `block_m`. One to three small Triton launches, no host synchronisation."""
+    rows into tiles of `block_m`. One small Triton launch where `metadata_in_one_launch`, three
+    otherwise; no host synchronisation."""
     device = topk_ids.device
     if device.type != "cuda" and not interpreter_active():
         raise ValueError(
@@ -122,17 +143,17 @@ def build_routing_metadata(
         return metadata
     # reshape can return a strided view (e.g. of topk_ids[:, :1]); the kernels read stride 1.
     ids = topk_ids.reshape(-1).contiguous()
-    # Chunks of 128 slots: a chunk ranks its slots by a 128 x 128 comparison in registers.
-    block_r = max(16, min(128, triton.next_power_of_2(num_rows)))
+    # Chunks of CHUNK_ROWS slots: a chunk ranks its slots by a 128 x 128 comparison in registers.
+    block_r = max(16, min(CHUNK_ROWS, triton.next_power_of_2(num_rows)))
     num_chunks = triton.cdiv(num_rows, block_r)
     num_bins = triton.next_power_of_2(num_experts + 1)  # + the past-the-end bin
     block_t = 32
-    single_chunk = num_chunks == 1
+    one_launch = metadata_in_one_launch(num_rows, num_experts)
     # Scratch: per-chunk counts, then each chunk's first row per expert; first tiles.
-    chunk_counts = torch.empty(1 if single_chunk else num_chunks * num_bins, **int32)  # 1: a real pointer
+    chunk_counts = torch.empty(1 if one_launch else num_chunks * num_bins, **int32)  # 1: a real pointer
     chunk_base = torch.empty_like(chunk_counts)
-    tile_offsets = torch.empty(1 if single_chunk else num_bins, **int32)
-    if not single_chunk:
+    tile_offsets = torch.empty(1 if one_launch else num_bins, **int32)
+    if not one_launch:
         _chunk_histogram_kernel[(num_chunks,)](
             ids, chunk_counts, num_rows, num_experts, BLOCK_R=block_r, NUM_BINS=num_bins
         )  # fmt: skip
@@ -146,6 +167,7 @@ def build_routing_metadata(
         ids, chunk_base, metadata.expert_offsets, tile_offsets,
         metadata.sorted_slot, metadata.slot_to_row, metadata.tile_expert, metadata.tile_row_start,
         num_rows, num_experts, num_chunks, max_tiles, block_m,
-        PAD_EXPERT=PAD_EXPERT, BLOCK_R=block_r, NUM_BINS=num_bins, BLOCK_T=block_t, SINGLE_CHUNK=single_chunk,
+        PAD_EXPERT=PAD_EXPERT, BLOCK_R=block_r, NUM_BINS=num_bins, BLOCK_T=block_t, ONE_LAUNCH=one_launch,
+        BLOCK_ALL=max(block_r, triton.next_power_of_2(num_rows)) if one_launch else block_r,
     )  # fmt: skip
     return metadata

@@ -1,5 +1,7 @@
 """Routing metadata: exact equality with the loop-built twin, and its invariants."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
 import triton
@@ -30,6 +32,12 @@ def test_metadata_equals_twin_and_invariants(device, T, E, K, block_m, kind, see
     twin = routing_metadata_twin(ids.cpu(), E, block_m)
     for name in ("sorted_slot", "slot_to_row", "expert_offsets", "tile_expert", "tile_row_start"):
         assert torch.equal(getattr(meta, name).cpu(), getattr(twin, name)), name
+    # Past one chunk these sizes take the one-launch path; forced onto histogram + scan + scatter
+    # (a single chunk stays one launch) they must give the same.
+    with patch.object(routing_metadata, "ONE_LAUNCH_MAX_ROWS", 0):
+        three_launches = build_routing_metadata(ids, E, block_m)
+    for name in ("sorted_slot", "slot_to_row", "expert_offsets", "tile_expert", "tile_row_start"):
+        assert torch.equal(getattr(three_launches, name).cpu(), getattr(twin, name)), name
 
     flat = ids.reshape(-1).cpu()
     sorted_slot, offsets = meta.sorted_slot.cpu().long(), meta.expert_offsets.cpu().long()
@@ -66,6 +74,7 @@ def test_chunk_scan_steps_and_programs(device, monkeypatch, T, E, K, tile_elemen
     """The chunk scan's many-program, many-step paths (a real batch needs thousands of slots per
     step to reach them), forced by a small tile budget."""
     monkeypatch.setattr(routing_metadata, "SCAN_TILE_ELEMENTS", tile_elements)
+    monkeypatch.setattr(routing_metadata, "ONE_LAUNCH_MAX_ROWS", 0)  # these sizes would take one launch
     steps = routing_metadata.scan_steps(triton.next_power_of_2(E + 1))
     assert steps.scan_step * steps.bins_per_program <= max(tile_elements, steps.bins_per_program)
     _, ids = make_routing("uniform", T, E, K, seed=T, device=device)
@@ -73,6 +82,43 @@ def test_chunk_scan_steps_and_programs(device, monkeypatch, T, E, K, tile_elemen
     twin = routing_metadata_twin(ids.cpu(), E, 16)
     for name in ("sorted_slot", "slot_to_row", "expert_offsets", "tile_expert", "tile_row_start"):
         assert torch.equal(getattr(meta, name).cpu(), getattr(twin, name)), name
+
+
+@pytest.mark.parametrize(
+    "T, E, K, block_m",
+    [
+        (1024, 8, 2, 128),  # seed N=1024: ONE_LAUNCH_MAX_ROWS slots exactly, 16 chunks
+        (129, 8, 2, 32),  # 258 slots: 3 chunks, the last of 2 slots
+        (32, 256, 8, 16),  # V3-wide: NUM_BINS 512, 256 slots in 2 chunks
+        (170, 64, 6, 64),  # v2-lite: 1020 slots, 8 chunks
+    ],
+)
+def test_metadata_in_one_launch_over_several_chunks(device, monkeypatch, T, E, K, block_m):
+    """Up to ONE_LAUNCH_MAX_ROWS slots each program places its chunk from counts of its own: the
+    histogram and scan kernels must not run, and the result is the twin's."""
+    monkeypatch.setattr(routing_metadata, "_chunk_histogram_kernel", None)  # a launch would raise
+    monkeypatch.setattr(routing_metadata, "_chunk_scan_kernel", None)
+    _, ids = make_routing("uniform", T, E, K, seed=T, device=device)
+    meta = build_routing_metadata(ids, E, block_m)
+    twin = routing_metadata_twin(ids.cpu(), E, block_m)
+    for name in ("sorted_slot", "slot_to_row", "expert_offsets", "tile_expert", "tile_row_start"):
+        assert torch.equal(getattr(meta, name).cpu(), getattr(twin, name)), name
+
+
+@pytest.mark.parametrize(
+    "num_rows, num_experts, one_launch",
+    [
+        (2048, 8, True),  # seed N=1024
+        (4096, 8, False),  # seed N=2048: past ONE_LAUNCH_MAX_ROWS
+        (768, 64, True),  # v2-lite N=128: 1024 x 128 counts
+        (1536, 64, False),  # v2-lite N=256: 2048 x 128, measured slower in one launch
+        (256, 256, True),  # V3 N=32: 256 x 512
+        (512, 256, False),  # V3 N=64
+        (128, 4095, True),  # a single chunk is always one launch
+    ],
+)
+def test_one_launch_rule(num_rows, num_experts, one_launch):
+    assert routing_metadata.metadata_in_one_launch(num_rows, num_experts) == one_launch
 
 
 def test_metadata_rejects_wrong_dtypes(device):

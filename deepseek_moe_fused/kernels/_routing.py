@@ -81,9 +81,9 @@ def _chunk_scan_kernel(
 @triton.jit
 def _scatter_rows_kernel(
     topk_ids_ptr,  # (T*K,) int32/int64
-    chunk_base_ptr,  # (num_chunks, NUM_BINS) int32: first row of each (chunk, expert); unread if SINGLE_CHUNK
-    expert_offsets_ptr,  # (E+1,) int32: read, or written here if SINGLE_CHUNK
-    tile_offsets_ptr,  # (NUM_BINS,) int32: first tile of each expert; unread if SINGLE_CHUNK
+    chunk_base_ptr,  # (num_chunks, NUM_BINS) int32: first row of each (chunk, expert); unread if ONE_LAUNCH
+    expert_offsets_ptr,  # (E+1,) int32: read, or written here if ONE_LAUNCH
+    tile_offsets_ptr,  # (NUM_BINS,) int32: first tile of each expert; unread if ONE_LAUNCH
     sorted_slot_ptr,  # (T*K,) int32 out: slot of each expert-sorted row
     slot_to_row_ptr,  # (T*K,) int32 out: sorted row of each slot
     tile_expert_ptr,  # (max_tiles,) int32 out: expert of each tile, PAD_EXPERT past the last
@@ -97,21 +97,23 @@ def _scatter_rows_kernel(
     BLOCK_R: tl.constexpr,
     NUM_BINS: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    SINGLE_CHUNK: tl.constexpr,
+    ONE_LAUNCH: tl.constexpr,
+    BLOCK_ALL: tl.constexpr,  # ONE_LAUNCH: a power of two >= num_rows; else unused
 ):
     """Grid: (max(num_chunks, cdiv(max_tiles, BLOCK_T)),). Program p places the slots of chunk p
     (if it exists) and writes tiles [p*BLOCK_T, (p+1)*BLOCK_T) of the tile map (if they exist).
 
-    SINGLE_CHUNK (all slots fit one chunk, as in decode): each program counts the slots itself, so
-    this is the only launch: no histogram or scan launch before it.
+    ONE_LAUNCH (all slots fit BLOCK_ALL, a few chunks at most): each program counts every slot
+    itself, and the slots of the chunks before its own, so this is the only launch: no histogram
+    or scan launch before it.
     """
     pid = tl.program_id(0)
     bins = tl.arange(0, NUM_BINS)
     is_expert = bins < num_experts
-    if SINGLE_CHUNK:
-        local = tl.arange(0, BLOCK_R)
-        ids = tl.load(topk_ids_ptr + local, mask=local < num_rows, other=num_experts).to(tl.int32)
-        total = tl.where(is_expert, tl.histogram(ids, NUM_BINS), 0)
+    if ONE_LAUNCH:
+        every = tl.arange(0, BLOCK_ALL)
+        all_ids = tl.load(topk_ids_ptr + every, mask=every < num_rows, other=num_experts).to(tl.int32)
+        total = tl.where(is_expert, tl.histogram(all_ids, NUM_BINS), 0)
         expert_start = tl.cumsum(total, axis=0) - total
         expert_end = expert_start + total
         tiles_per_expert = (total + block_m - 1) // block_m
@@ -119,9 +121,17 @@ def _scatter_rows_kernel(
         if pid == 0:
             tl.store(expert_offsets_ptr + bins, expert_start, mask=is_expert)
             tl.store(expert_offsets_ptr + num_experts, num_rows)
-            # A slot's row: its expert's first row (picked by a one-hot sum) + its rank.
-            base = tl.sum(tl.where(ids[:, None] == bins[None, :], expert_start[None, :], 0), axis=1)
-            _place_chunk(ids, local, base, sorted_slot_ptr, slot_to_row_ptr, num_rows)
+        if pid < num_chunks:
+            slots = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+            ids = tl.load(topk_ids_ptr + slots, mask=slots < num_rows, other=num_experts).to(tl.int32)
+            if BLOCK_ALL > BLOCK_R:  # this chunk's rows of an expert follow those of earlier chunks
+                earlier = tl.where(every < pid * BLOCK_R, all_ids, num_experts)
+                chunk_start = expert_start + tl.where(is_expert, tl.histogram(earlier, NUM_BINS), 0)
+            else:
+                chunk_start = expert_start
+            # A slot's row: its expert's first row in this chunk (picked by a one-hot sum) + its rank.
+            base = tl.sum(tl.where(ids[:, None] == bins[None, :], chunk_start[None, :], 0), axis=1)
+            _place_chunk(ids, slots, base, sorted_slot_ptr, slot_to_row_ptr, num_rows)
     else:
         if pid < num_chunks:
             local = tl.arange(0, BLOCK_R)
