@@ -81,12 +81,15 @@ ONE_LAUNCH_MAX_COUNTS = 2**17
 CHUNK_ROWS = 128
 
 
+def _num_bins(num_experts: int) -> int:
+    return triton.next_power_of_2(num_experts + 1)  # + the past-the-end bin
+
+
 def metadata_in_one_launch(num_rows: int, num_experts: int) -> bool:
     """Whether `build_routing_metadata` places `num_rows` slots in one launch."""
-    block_all = triton.next_power_of_2(max(num_rows, 1))
-    num_bins = triton.next_power_of_2(num_experts + 1)
+    counts = triton.next_power_of_2(max(num_rows, 1)) * _num_bins(num_experts)
     single_chunk = num_rows <= CHUNK_ROWS
-    return single_chunk or (num_rows <= ONE_LAUNCH_MAX_ROWS and block_all * num_bins <= ONE_LAUNCH_MAX_COUNTS)
+    return single_chunk or (num_rows <= ONE_LAUNCH_MAX_ROWS and counts <= ONE_LAUNCH_MAX_COUNTS)
 
 
 # Elements of the (chunks, bins) tile one step of the chunk scan holds (8 warps: 32 a thread).
@@ -143,10 +146,11 @@ def build_routing_metadata(
         return metadata
     # reshape can return a strided view (e.g. of topk_ids[:, :1]); the kernels read stride 1.
     ids = topk_ids.reshape(-1).contiguous()
-    # Chunks of CHUNK_ROWS slots: a chunk ranks its slots by a 128 x 128 comparison in registers.
-    block_r = max(16, min(CHUNK_ROWS, triton.next_power_of_2(num_rows)))
+    # Chunks of up to CHUNK_ROWS slots; one launch counts all slots, rounded up to BLOCK_ALL.
+    block_all = max(16, triton.next_power_of_2(num_rows))
+    block_r = min(CHUNK_ROWS, block_all)
     num_chunks = triton.cdiv(num_rows, block_r)
-    num_bins = triton.next_power_of_2(num_experts + 1)  # + the past-the-end bin
+    num_bins = _num_bins(num_experts)
     block_t = 32
     one_launch = metadata_in_one_launch(num_rows, num_experts)
     # Scratch: per-chunk counts, then each chunk's first row per expert; first tiles.
@@ -168,6 +172,6 @@ def build_routing_metadata(
         metadata.sorted_slot, metadata.slot_to_row, metadata.tile_expert, metadata.tile_row_start,
         num_rows, num_experts, num_chunks, max_tiles, block_m,
         PAD_EXPERT=PAD_EXPERT, BLOCK_R=block_r, NUM_BINS=num_bins, BLOCK_T=block_t, ONE_LAUNCH=one_launch,
-        BLOCK_ALL=max(block_r, triton.next_power_of_2(num_rows)) if one_launch else block_r,
+        BLOCK_ALL=block_all if one_launch else block_r,
     )  # fmt: skip
     return metadata

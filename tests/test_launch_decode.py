@@ -26,6 +26,15 @@ def _check(out, ref, dtype):
     assert stats.within(TOLERANCES[dtype]), f"decode vs oracle: {stats} exceeds {TOLERANCES[dtype]}"
 
 
+def _forbidden(message: str):
+    """A stand-in for a function the code under test must not call."""
+
+    def call(*args, **kwargs):
+        raise AssertionError(message)
+
+    return call
+
+
 @st.composite
 def decode_problems(draw):
     config = draw(moe_configs())
@@ -116,11 +125,7 @@ def test_fused_entry_point_takes_decode_and_matches_three_stage(device, monkeypa
     inputs = make_moe_inputs(config, 1, seed=5, device=device)
     with env_set(DECODE_ENV, "off"):
         three_stage = fused_moe_experts(*inputs.kernel_args())
-
-    def no_metadata(*args, **kwargs):
-        raise AssertionError("the decode path built routing metadata")
-
-    monkeypatch.setattr(launch, "routing_metadata_for", no_metadata)
+    monkeypatch.setattr(launch, "routing_metadata_for", _forbidden("the decode path built routing metadata"))
     out = fused_moe_experts(*inputs.kernel_args())
     _check(out, oracle_moe_experts(*inputs.kernel_args()), config.dtype)
     torch.testing.assert_close(out, three_stage, rtol=1e-4, atol=1e-5)
@@ -146,11 +151,7 @@ def test_layer_decode_forward_and_its_backward(device, monkeypatch, backward):
         out_grad = layer(x_grad)
         out_grad.square().sum().backward()
         assert torch.isfinite(x_grad.grad).all() and x_grad.grad.abs().sum() > 0
-
-        def no_metadata(*args, **kwargs):
-            raise AssertionError("a forward without backward built routing metadata")
-
         with monkeypatch.context() as patch, torch.no_grad():
-            patch.setattr(moe_layer, "routing_metadata_for", no_metadata)
+            patch.setattr(moe_layer, "routing_metadata_for", _forbidden("a forward without backward built metadata"))
             out = layer(x)
     torch.testing.assert_close(out, out_grad.detach(), rtol=1e-4, atol=1e-5)

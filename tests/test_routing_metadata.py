@@ -15,6 +15,12 @@ from deepseek_moe_fused.routing_metadata import PAD_EXPERT, RoutingMetadata, bui
 from deepseek_moe_fused.testing import make_routing
 
 
+def _assert_equals_twin(meta: RoutingMetadata, twin: RoutingMetadata) -> None:
+    """Every index array of `meta` equal, exactly, to the loop-built twin's."""
+    for name in ("sorted_slot", "slot_to_row", "expert_offsets", "tile_expert", "tile_row_start"):
+        assert torch.equal(getattr(meta, name).cpu(), getattr(twin, name)), name
+
+
 @given(
     T=st.integers(0, 70),
     E=st.integers(1, 40),
@@ -30,14 +36,12 @@ def test_metadata_equals_twin_and_invariants(device, T, E, K, block_m, kind, see
     _, ids = make_routing(kind, T, E, K, seed=seed, device=device)
     meta = build_routing_metadata(ids, E, block_m)
     twin = routing_metadata_twin(ids.cpu(), E, block_m)
-    for name in ("sorted_slot", "slot_to_row", "expert_offsets", "tile_expert", "tile_row_start"):
-        assert torch.equal(getattr(meta, name).cpu(), getattr(twin, name)), name
+    _assert_equals_twin(meta, twin)
     # Past one chunk these sizes take the one-launch path; forced onto histogram + scan + scatter
     # (a single chunk stays one launch) they must give the same.
     with patch.object(routing_metadata, "ONE_LAUNCH_MAX_ROWS", 0):
         three_launches = build_routing_metadata(ids, E, block_m)
-    for name in ("sorted_slot", "slot_to_row", "expert_offsets", "tile_expert", "tile_row_start"):
-        assert torch.equal(getattr(three_launches, name).cpu(), getattr(twin, name)), name
+    _assert_equals_twin(three_launches, twin)
 
     flat = ids.reshape(-1).cpu()
     sorted_slot, offsets = meta.sorted_slot.cpu().long(), meta.expert_offsets.cpu().long()
@@ -80,8 +84,7 @@ def test_chunk_scan_steps_and_programs(device, monkeypatch, T, E, K, tile_elemen
     _, ids = make_routing("uniform", T, E, K, seed=T, device=device)
     meta = build_routing_metadata(ids, E, 16)
     twin = routing_metadata_twin(ids.cpu(), E, 16)
-    for name in ("sorted_slot", "slot_to_row", "expert_offsets", "tile_expert", "tile_row_start"):
-        assert torch.equal(getattr(meta, name).cpu(), getattr(twin, name)), name
+    _assert_equals_twin(meta, twin)
 
 
 @pytest.mark.parametrize(
@@ -101,8 +104,7 @@ def test_metadata_in_one_launch_over_several_chunks(device, monkeypatch, T, E, K
     _, ids = make_routing("uniform", T, E, K, seed=T, device=device)
     meta = build_routing_metadata(ids, E, block_m)
     twin = routing_metadata_twin(ids.cpu(), E, block_m)
-    for name in ("sorted_slot", "slot_to_row", "expert_offsets", "tile_expert", "tile_row_start"):
-        assert torch.equal(getattr(meta, name).cpu(), getattr(twin, name)), name
+    _assert_equals_twin(meta, twin)
 
 
 @pytest.mark.parametrize(
