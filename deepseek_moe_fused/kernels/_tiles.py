@@ -472,3 +472,9 @@ def backward_tiles(
 
 def combine_block_h(hidden_dim: int) -> int:
     return _pow2_clamp(hidden_dim, 16, 1024)
+
+
+def sorted_rows_block_h(hidden_dim: int) -> int:
+    """Columns per program of the sorted-rows copy: a whole row up to 2048 (every width from
+    256 x 4 tokens to 2048 x 1 timed the same on the H100, docs/perf-notes.md, session 22)."""
+    return _pow2_clamp(hidden_dim, 16, 2048)

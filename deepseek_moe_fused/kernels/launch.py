@@ -16,6 +16,7 @@ from ._alloc import new_output
 from ._combine import _combine_kernel
 from ._gate_up import _gate_up_swiglu_kernel
 from ._rows_matmul import _rows_matmul_kernel
+from ._sorted_rows import _sorted_rows_kernel
 from .launch_decode import decode_forward
 from .launch_gate_up_ws import GateUpSide, gate_up_ws, gate_up_ws_enabled
 from .launch_rows_matmul_ws import rows_matmul_ws, rows_ws_enabled
@@ -107,14 +108,18 @@ def new_preactivations(
     return PreActivations(routed, shared, x_sorted)
 
 
-def gather_sorted_rows(
-    src: torch.Tensor, metadata: RoutingMetadata, out: torch.Tensor | None = None, tokens: torch.Tensor | None = None
-) -> torch.Tensor:
-    """(T*K, H): row r is src's row of the token sorted row r belongs to. `tokens`: those tokens
-    (sorted_slot // K), where a caller gathering twice computed them once."""
-    out = new_output(src, (metadata.num_rows, src.shape[1])) if out is None else out
-    tokens = metadata.sorted_slot // metadata.top_k if tokens is None else tokens
-    return torch.index_select(src, 0, tokens, out=out)
+def gather_sorted_rows(src: torch.Tensor, metadata: RoutingMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(T*K, H): row r is src's row of the token sorted row r belongs to (one token-major launch,
+    `_sorted_rows.py`)."""
+    T, H = src.shape
+    out = new_output(src, (metadata.num_rows, H)) if out is None else out
+    if T == 0:
+        return out
+    block_h = _tiles.sorted_rows_block_h(H)
+    _sorted_rows_kernel[(T, triton.cdiv(H, block_h))](
+        src, out, metadata.slot_to_row, H, src.stride(0), out.stride(0), TOP_K=metadata.top_k, BLOCK_H=block_h
+    )
+    return out
 
 
 def check_routing(

@@ -156,19 +156,19 @@ def _weight_grad_stage(
     `ws`: on the warp-specialized kernel with this ring where the layouts allow
     (launch_weight_grad_ws.py).
 
-    X and dY are gathered into expert-sorted row order first (one buffer of (T*K, H), X's rows
-    then dY's), so the grouped GEMMs read contiguous rows: on the H100 the gather costs 50 us at
-    seed N=8192 and the two GEMMs gain 350 us over gathering rows inside their loop. `x_sorted`:
+    X and dY are copied into expert-sorted row order first (one buffer of (T*K, H), X's rows
+    then dY's, by `gather_sorted_rows`), so the grouped GEMMs read contiguous rows: on the H100
+    the copy cost 50 us at seed N=8192 (as torch.index_select) and the two GEMMs gain 350 us over
+    gathering rows inside their loop. `x_sorted`:
     X already in sorted rows (the forward's, `PreActivations.x_sorted`), and the buffer dY's go to."""
     d_gate_up = new_output(weights.gate_up_proj, weights.gate_up_proj.shape)
-    tokens = metadata.sorted_slot // metadata.top_k
-    sorted_rows = gather_sorted_rows(x, metadata, tokens=tokens) if x_sorted is None else x_sorted
+    sorted_rows = gather_sorted_rows(x, metadata) if x_sorted is None else x_sorted
     _weight_grad(dgu, sorted_rows, d_gate_up, metadata.expert_offsets, tiles, tma, ws)
     if consume:
         _release(dgu)
     d_down = new_output(weights.down_proj, weights.down_proj.shape)  # after the release: not beside dGU
     # Same buffer: the stream runs the GEMM above before this overwrites its operand.
-    gather_sorted_rows(dy, metadata, out=sorted_rows, tokens=tokens)
+    gather_sorted_rows(dy, metadata, out=sorted_rows)
     _weight_grad(sorted_rows, act_routed, d_down, metadata.expert_offsets, tiles, tma, ws)
     return d_gate_up, d_down
 
