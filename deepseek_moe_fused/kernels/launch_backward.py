@@ -6,11 +6,11 @@ forward kernel beside its output. Saving them instead of recomputing them skips 
 (a quarter of the backward's GEMM work); the backward overwrites them with dG/dU, so they cost no
 second buffer. Transient in the backward: dA = dY W_down (T*K, I) + (T, S), overwritten by the
 SwiGLU outputs that the down weight's gradient needs, and the per-slot dX (T, K, H) + (T, H), all
-in X's dtype; then, in the memory dX's slots held, X and dY gathered into sorted row order for the
+in X's dtype; then, in the memory dX's slots held, X and dY copied into sorted row order for the
 weight gradients (T*K, H). Each buffer is released after its last read, the saved
 pre-activations included, so the gradients allocated last do not add to them. Launches: dY W_down
 (routed + shared), the SwiGLU backward (elementwise), dX (routed + shared) and its combine, two
-gathers (one where the forward's stage 1 gathered X and saved it: `PreActivations.x_sorted`) and
+sorted-row copies (one where the forward's stage 1 gathered X and saved it: `PreActivations.x_sorted`) and
 two grouped weight-gradient GEMMs (their sorted rows read as TMA boxes where experts
 have enough rows: kernels/_tiles.py `_weight_grad_tiles`; on Hopper a warp-specialized Gluon
 kernel instead, launch_weight_grad_ws.py); the shared MLP's weight gradients are dense GEMMs
@@ -159,8 +159,8 @@ def _weight_grad_stage(
     X and dY are copied into expert-sorted row order first (one buffer of (T*K, H), X's rows
     then dY's, by `gather_sorted_rows`), so the grouped GEMMs read contiguous rows: on the H100
     the copy cost 50 us at seed N=8192 (as torch.index_select) and the two GEMMs gain 350 us over
-    gathering rows inside their loop. `x_sorted`:
-    X already in sorted rows (the forward's, `PreActivations.x_sorted`), and the buffer dY's go to."""
+    gathering rows inside their loop. `x_sorted`: X already in sorted rows (the forward's,
+    `PreActivations.x_sorted`), and the buffer dY's go to."""
     d_gate_up = new_output(weights.gate_up_proj, weights.gate_up_proj.shape)
     sorted_rows = gather_sorted_rows(x, metadata) if x_sorted is None else x_sorted
     _weight_grad(dgu, sorted_rows, d_gate_up, metadata.expert_offsets, tiles, tma, ws)
