@@ -10,11 +10,11 @@ in X's dtype; then, in the memory dX's slots held, X and dY copied into sorted r
 weight gradients (T*K, H). Each buffer is released after its last read, the saved
 pre-activations included, so the gradients allocated last do not add to them. Launches: dY W_down
 (routed + shared), the SwiGLU backward (elementwise), dX (routed + shared) and its combine, two
-sorted-row copies (one where the forward's stage 1 gathered X and saved it: `PreActivations.x_sorted`) and
-two grouped weight-gradient GEMMs (their sorted rows read as TMA boxes where experts
-have enough rows: kernels/_tiles.py `_weight_grad_tiles`; on Hopper a warp-specialized Gluon
-kernel instead, launch_weight_grad_ws.py); the shared MLP's weight gradients are dense GEMMs
-(cuBLAS).
+sorted-row copies (one where the forward's stage 1 copied X and saved it:
+`PreActivations.x_sorted`) and two grouped weight-gradient GEMMs (their sorted rows read as TMA
+boxes where experts have enough rows: kernels/_tiles.py `_weight_grad_tiles`; on Hopper a
+warp-specialized Gluon kernel instead, launch_weight_grad_ws.py); the shared MLP's weight
+gradients are dense GEMMs (cuBLAS).
 """
 
 from __future__ import annotations
