@@ -63,7 +63,9 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
         # for intermediates; tensors go through save_for_backward.
         ctx.routing = metadata  # (ctx.metadata is taken: autograd keeps anomaly data there)
         ctx.preacts_consumed = False
-        saved_preacts = (preacts.routed, preacts.shared, preacts.x_sorted) if save else (None, None, None)
+        saved_preacts = (None,) * 5
+        if save:
+            saved_preacts = (preacts.routed, preacts.shared, preacts.x_sorted, preacts.h_routed, preacts.h_shared)
         ctx.save_for_backward(
             x, topk_weights, gate_up_proj, down_proj, shared_gate, shared_up, shared_down, *saved_preacts
         )
@@ -71,7 +73,7 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, topk_weights, *weight_tensors, pre_routed, pre_shared, x_sorted = ctx.saved_tensors
+        x, topk_weights, *weight_tensors, pre_routed, pre_shared, x_sorted, h_routed, h_shared = ctx.saved_tensors
         weights, metadata = ExpertWeights(*weight_tensors), ctx.routing
         if ctx.backward == "triton":
             if ctx.preacts_consumed:  # the first backward overwrote them with their gradients
@@ -80,7 +82,7 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
                     f"and a second backward need {BACKWARD_ENV}=torch)"
                 )
             ctx.preacts_consumed = True
-            preacts = PreActivations(pre_routed, pre_shared, x_sorted)
+            preacts = PreActivations(pre_routed, pre_shared, x_sorted, h_routed, h_shared)
             grads = moe_experts_backward(grad_out, x, topk_weights, weights, metadata, preacts)
         else:
             grads = experts_backward(grad_out, x, topk_weights, metadata.sorted_slot, metadata.expert_offsets, weights)

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import compile_bound
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
@@ -12,12 +13,26 @@ from strategies import TAIL_EDGE_COUNTS, TAIL_EDGE_TILES, moe_configs, num_token
 
 from deepseek_moe_fused import DeepSeekMoELayer, MoEConfig, moe_layer
 from deepseek_moe_fused._backward_torch import experts_backward
-from deepseek_moe_fused.kernels import _tiles
+from deepseek_moe_fused.kernels import _tiles, launch_backward
 from deepseek_moe_fused.kernels._alloc import poisoned_outputs
-from deepseek_moe_fused.kernels.launch import moe_experts_forward, new_preactivations, routing_metadata_for, tiles_for
+from deepseek_moe_fused.kernels.launch import (
+    PreActivations,
+    moe_experts_forward,
+    new_preactivations,
+    routing_metadata_for,
+    tiles_for,
+)
 from deepseek_moe_fused.kernels.launch_backward import moe_experts_backward
 from deepseek_moe_fused.moe_layer import BACKWARD_ENV, backward_selected, selected_backward
-from deepseek_moe_fused.testing import TOLERANCES, make_activations, make_moe_inputs, routing_with_counts
+from deepseek_moe_fused.routing_metadata import build_routing_metadata
+from deepseek_moe_fused.testing import (
+    TOLERANCES,
+    error_stats,
+    make_activations,
+    make_moe_inputs,
+    make_routing,
+    routing_with_counts,
+)
 
 GRAD_NAMES = ("x", "topk_weights", "gate_up_proj", "down_proj", "shared_gate", "shared_up", "shared_down")
 
@@ -50,28 +65,31 @@ def _run_both(config, T, routing, seed, device):
 
 
 def test_backward_reads_the_forwards_sorted_rows(device):
-    """Where stage 1 gathers X into sorted rows (the warp-specialized gate/up kernel's input), the
-    backward's weight gradients read that buffer instead of gathering again: the same rows in the
-    same order, so every gradient is bitwise the one of the backward that gathers. Runs on the
-    Triton kernels, which fill the buffer too, so the CPU tier checks the plumbing."""
+    """Where stage 1 copies X into sorted rows (the warp-specialized gate/up kernel's input), the
+    backward's weight gradients read that buffer instead of copying again: the same rows in the
+    same order, so every gradient is bitwise the one of a backward that copies X itself from the
+    same forward's buffers (the two stage-1 kernels' h need not round alike, so both backwards
+    take one forward's). On the CPU the Triton kernel fills the buffer, so the tier checks the
+    plumbing."""
     config = MoEConfig(48, 24, 5, 2, n_shared_experts=1, dtype=torch.float16)
     inputs = make_moe_inputs(config, 37, seed=3, device=device)
     w = inputs.weights
-    tiles = tiles_for(37, w, 2)
+    tiles = replace(tiles_for(37, w, 2), gate_up_ws=_tiles.GATE_UP_WS)
     metadata = routing_metadata_for(inputs.topk_ids, w, tiles)
     grad_out = make_activations(37, 48, seed=9, dtype=config.dtype, device=device)
-    grads = {}
-    for gate_up_ws in (None, _tiles.GATE_UP_WS):
-        with poisoned_outputs():
-            preacts = new_preactivations(inputs.x, w, metadata, replace(tiles, gate_up_ws=gate_up_ws))
-            moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, w, metadata, preacts=preacts)
-            if gate_up_ws is not None:
-                assert torch.equal(preacts.x_sorted, inputs.x[metadata.sorted_slot.long() // 2])
-            grads[gate_up_ws] = moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata, preacts)
-        if gate_up_ws is not None:
-            assert preacts.x_sorted.untyped_storage().size() == 0  # released once read
-    for name, got, want in zip(GRAD_NAMES, grads[_tiles.GATE_UP_WS], grads[None], strict=True):
-        assert torch.equal(got, want), name
+    with poisoned_outputs():
+        preacts = new_preactivations(inputs.x, w, metadata, tiles)
+        moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, w, metadata, preacts=preacts)
+    assert torch.equal(preacts.x_sorted, inputs.x[metadata.sorted_slot.long() // 2])
+    # The backward overwrites and releases what it reads: the copying one gets clones, no X rows.
+    copying = replace(preacts, **{f: getattr(preacts, f).clone() for f in ("routed", "shared", "h_routed", "h_shared")})
+    copying = replace(copying, x_sorted=None)
+    with poisoned_outputs():
+        got = moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata, preacts)
+        want = moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata, copying)
+    assert preacts.x_sorted.untyped_storage().size() == 0  # released once read
+    for name, g, wnt in zip(GRAD_NAMES, got, want, strict=True):
+        assert torch.equal(g, wnt), name
 
 
 @pytest.mark.parametrize(
@@ -102,6 +120,60 @@ def test_swiglu_backward_tiling_moves_only_the_routing_weight_sums(device, swigl
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
         else:
             assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize(
+    ("I", "swiglu"),
+    [
+        (24, None),  # the rule's tiles; u's pointers 24 elements past g's, so aligned unlike them
+        (24, (1, 64, 4)),  # 64 elements for 128 threads: each held by two
+        (40, (4, 16, 4)),  # several rows per program, a whole step and a half-masked one
+        (1408, None),  # v2-lite's width: a step of 1024 and a masked one
+    ],
+)
+def test_swiglu_backward_in_place_matches_float64(device, I, swiglu):
+    """The SwiGLU backward overwrites [g | u] with [dg | du]: no thread may store before every
+    thread has read. On the H100 the kernel without its barrier lost u at I = 24 in every run,
+    though the interpreter cannot show a race; three runs against the float64 formulas."""
+    T, E, K = 37, 5, 2
+    topk_weights, topk_ids = make_routing("uniform", T, E, K, seed=4, device=device)
+    metadata = build_routing_metadata(topk_ids, E, 16)
+    R = metadata.num_rows
+    pre = make_activations(R, 2 * I, seed=5, dtype=torch.float16, device=device)
+    pre_shared = make_activations(T, 2 * I, seed=6, dtype=torch.float16, device=device)
+    d_act = make_activations(R, I, seed=7, dtype=torch.float16, device=device)
+    d_act_shared = make_activations(T, I, seed=8, dtype=torch.float16, device=device)
+    flat_weights = topk_weights.reshape(-1).float()
+    tiles = _tiles.swiglu_backward_tiles(I) if swiglu is None else _tiles.ElementwiseTiles(*swiglu)
+    scale = flat_weights[metadata.sorted_slot.long()].double()
+    for got_pre, got_topk, want_pre, want_topk in _swiglu_runs(
+        pre, pre_shared, d_act, d_act_shared, scale, flat_weights, metadata, tiles
+    ):
+        for got, want in ((got_pre, want_pre), (got_topk, want_topk)):
+            stats = error_stats(got, want)
+            assert stats.within(TOLERANCES[got.dtype]), stats
+
+
+def _swiglu_runs(pre, pre_shared, d_act, d_act_shared, scale, flat_weights, metadata, tiles, runs=3):
+    """(routed and shared [dg | du], d topk, and their float64 values) of `runs` launches on copies."""
+
+    def oracle(p, d_a, w):
+        g, u = p.double().chunk(2, dim=1)
+        sig = torch.sigmoid(g)
+        d = d_a.double() * w[:, None]
+        return torch.cat([d * u * sig * (1 + g * (1 - sig)), d * g * sig], dim=1), (g * sig * u * d_a.double()).sum(1)
+
+    want_routed, d_scale = oracle(pre, d_act, scale)
+    want_shared, _ = oracle(
+        pre_shared, d_act_shared, torch.ones(pre_shared.shape[0], dtype=torch.float64, device=pre.device)
+    )
+    want_topk = torch.empty_like(d_scale)
+    want_topk[metadata.sorted_slot.long()] = d_scale
+    for _ in range(runs):
+        preacts = PreActivations(pre.clone(), pre_shared.clone())
+        with poisoned_outputs():
+            d_topk = launch_backward._swiglu_backward_stage(d_act, d_act_shared, flat_weights, metadata, preacts, tiles)
+        yield torch.cat([preacts.routed, preacts.shared]), d_topk, torch.cat([want_routed, want_shared]), want_topk
 
 
 def _rounding_terms(inputs, grad_out) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +286,11 @@ def test_forward_saves_the_preactivations(device):
     for got, want in ((preacts.routed, want_routed), (preacts.shared, want_shared)):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # And stage 1's output h = silu(g) * u, kept for the down weights' gradients.
+    for got, pre in ((preacts.h_routed, want_routed), (preacts.h_shared, want_shared)):
+        g, u = pre.chunk(2, dim=1)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), F.silu(g) * u, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("T", [0, 1, 5])  # empty batch, decode, a few tokens
@@ -227,7 +304,7 @@ def test_triton_backward_is_deterministic(device, T):
 
 def test_backward_releases_the_consumed_preactivations(device):
     # The peak-memory contract: once the backward has read the forward's pre-activations (then
-    # their gradients), their memory goes back before the weight gradients are allocated.
+    # their gradients) and SwiGLU outputs, their memory goes back.
     config = MoEConfig(hidden_dim=32, intermediate_dim=16, num_experts=4, top_k=2, n_shared_experts=1, dtype=F32)
     inputs = make_moe_inputs(config, 7, seed=2, device=device)
     w = inputs.weights
@@ -236,8 +313,8 @@ def test_backward_releases_the_consumed_preactivations(device):
     moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, w, metadata, preacts=preacts)
     grad_out = make_activations(7, config.hidden_dim, seed=3, dtype=F32, device=device)
     moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata, preacts)
-    assert preacts.routed.untyped_storage().nbytes() == 0
-    assert preacts.shared.untyped_storage().nbytes() == 0
+    for saved in (preacts.routed, preacts.shared, preacts.h_routed, preacts.h_shared):
+        assert saved.untyped_storage().nbytes() == 0
 
 
 def test_backward_choice_is_checked(monkeypatch):

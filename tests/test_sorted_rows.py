@@ -47,6 +47,20 @@ def test_sorted_rows_past_one_block(device, H):
     _assert_rows_in_sorted_order(9, 5, 3, H, "uniform", 4, torch.bfloat16, device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_sorted_rows_times_their_slots_weight(device, dtype):
+    """dY's copy for the down weights' gradient: each sorted row times its own slot's routing
+    weight, in fp32, rounded once (rows of one token get different factors)."""
+    _, ids = make_routing("repeated_expert", 13, 6, 3, seed=7, device=device)
+    metadata = build_routing_metadata(ids, 6, 16)
+    src = make_activations(13, 40, seed=8, dtype=dtype, device=device)
+    scale = torch.rand(13 * 3, generator=torch.Generator().manual_seed(9)).to(device) + 0.5
+    with poisoned_outputs():
+        got = gather_sorted_rows(src, metadata, scale=scale)
+    slots = metadata.sorted_slot.long()
+    assert torch.equal(got, (src[slots // 3].float() * scale[slots, None]).to(dtype))
+
+
 def test_sorted_rows_into_a_given_buffer_with_row_stride(device):
     """The backward writes dY into X's buffer; a wider buffer's column view works the same."""
     _, ids = make_routing("uniform", 11, 4, 2, seed=3, device=device)

@@ -109,9 +109,9 @@ def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float, stages: tupl
         metadata.block_m, H, max(I, S), False, rows_per_expert=rows / config.num_experts, tma=_tma.tma_enabled(x.device)
     )
     print(f"\n== N={num_tokens} block_m={metadata.block_m} heuristic {base}")
-    # Timing repeats a stage on the same buffers: the SwiGLU stage rewrites the pre-activations and
-    # dA in place each time, which changes their values but not the work.
-    act_routed, act_shared = launchers._down_grad_stage(dy, w, metadata, base.down_grad)
+    # Timing repeats a stage on the same buffers: the SwiGLU stage rewrites the pre-activations in
+    # place each time, which changes their values but not the work.
+    d_act_routed, d_act_shared = launchers._down_grad_stage(dy, w, metadata, base.down_grad)
 
     def report(name, tiles, fn, flops=None, nbytes=None):
         try:
@@ -133,11 +133,14 @@ def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float, stages: tupl
         t = replace(base.down_grad, block_n=bn, block_k=bk, num_warps=warps, num_stages=st)
         fn = lambda t=t: launchers._down_grad_stage(dy, w, metadata, t)  # noqa: E731
         report("dY W_down", (bn, bk, warps, st), fn, down_grad_flops)
-    # Per element of (rows x I) + (T x S): reads dA, g, u; writes act, dg, du.
-    swiglu_bytes = 6 * (rows * I + num_tokens * S) * x.element_size()
+    # Per element of (rows x I) + (T x S): reads dA, g, u; writes dg, du.
+    swiglu_bytes = 5 * (rows * I + num_tokens * S) * x.element_size()
     for bm, bn, warps in SWIGLU if "swiglu" in stages else ():
         t = _tiles.ElementwiseTiles(bm, bn, warps)
-        fn = lambda t=t: launchers._swiglu_backward_stage(act_routed, act_shared, flat_weights, metadata, preacts, t)  # noqa: E731
+
+        def fn(t=t):
+            return launchers._swiglu_backward_stage(d_act_routed, d_act_shared, flat_weights, metadata, preacts, t)
+
         report("swiglu", (bm, bn, warps), fn, nbytes=swiglu_bytes)
     for bn, bk, warps, st in DX if "dx" in stages else ():
         t = replace(base.dx, block_n=bn, block_k=bk, num_warps=warps, num_stages=st)
@@ -149,12 +152,15 @@ def sweep(config: MoEConfig, num_tokens: int, matmul_tflops: float, stages: tupl
         )
     for cfg in WEIGHT_GRAD if "weight_grad" in stages else ():
         t = _tiles.TileConfig(*cfg)
-        fn = lambda t=t: launchers._weight_grad_stage(x, dy, preacts.routed, act_routed, w, metadata, t)  # noqa: E731
+
+        def fn(t=t):
+            return launchers._weight_grad_stage(x, dy, preacts.routed, preacts.h_routed, flat_weights, w, metadata, t)
+
         for tma in ("off", "auto"):  # the switch is read at each launch
             with env_set(_tma.TMA_ENV, tma):
                 report(f"weight grad, TMA {tma}", cfg, fn, 6 * rows * H * I)
     if w.has_shared and "shared_weight_grad" in stages:
-        fn = lambda: launchers._shared_weight_grads(x, dy, preacts.shared, act_shared)  # noqa: E731
+        fn = lambda: launchers._shared_weight_grads(x, dy, preacts.shared, preacts.h_shared)  # noqa: E731
         report("shared weight grad (cuBLAS)", "-", fn, 6 * num_tokens * S * H)
     if "router" in stages:
         sweep_router_backward(layer, x, report)

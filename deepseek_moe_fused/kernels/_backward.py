@@ -10,37 +10,39 @@ import triton.language as tl
 @triton.jit
 def _swiglu_bwd_rows(
     pre_ptr,  # (rows, 2 * n_inner) saved [g | u]; overwritten with [dg | du]
-    act_ptr,  # (rows, n_inner) in: dA = dY W_down; overwritten with scale * silu(g) * u
+    d_act_ptr,  # (rows, n_inner) dA = dY W_down
     rows,  # (BLOCK_M,) int64
     row_mask,  # (BLOCK_M,) bool
     scale,  # (BLOCK_M,) fp32: routing weight of each row (1 for the shared MLP)
     n_inner,
     stride_pre,
-    stride_act,
+    stride_d_act,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """dg = scale dA u silu'(g), du = scale dA silu(g), in place; returns d scale = sum_n silu(g) u dA."""
     offs_n = tl.arange(0, BLOCK_N)
     pre_ptrs = pre_ptr + rows[:, None] * stride_pre + offs_n[None, :]
-    act_ptrs = act_ptr + rows[:, None] * stride_act + offs_n[None, :]
+    d_act_ptrs = d_act_ptr + rows[:, None] * stride_d_act + offs_n[None, :]
     d_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, n_inner, BLOCK_N):
         mask = row_mask[:, None] & (offs_n < n_inner - n0)[None, :]
-        d_a = tl.load(act_ptrs, mask=mask, other=0.0).to(tl.float32)
+        d_a = tl.load(d_act_ptrs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(pre_ptrs + n_inner, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(g)
         silu = g * sig
-        act = silu * u
-        d_scale += tl.sum(act * d_a, axis=1)
-        # In place: this program is the only reader and writer of these elements.
-        tl.store(act_ptrs, (act * scale[:, None]).to(act_ptr.dtype.element_ty), mask=mask)
+        d_scale += tl.sum(silu * u * d_a, axis=1)
         d_act = d_a * scale[:, None]
+        # In place, and a load and the store to its address need not run on one thread: the
+        # compiler lays each access out by its pointers' alignment (u's sit n_inner past g's), or a
+        # tile smaller than the program holds an element twice. On the H100 at I = 24, du stored
+        # by one thread overwrote u before another read it, in every run. So all threads load first.
+        tl.debug_barrier()
         tl.store(pre_ptrs + n_inner, (d_act * silu).to(pre_ptr.dtype.element_ty), mask=mask)
         tl.store(pre_ptrs, (d_act * u * sig * (1.0 + g * (1.0 - sig))).to(pre_ptr.dtype.element_ty), mask=mask)
         pre_ptrs += BLOCK_N
-        act_ptrs += BLOCK_N
+        d_act_ptrs += BLOCK_N
     return d_scale
 
 
@@ -48,8 +50,8 @@ def _swiglu_bwd_rows(
 def _swiglu_bwd_kernel(
     pre_routed_ptr,  # (T*K, 2I) saved routed [g | u] by sorted row; overwritten with [dg | du]
     pre_shared_ptr,  # (T, 2S) the same for the shared MLP
-    act_routed_ptr,  # (T*K, I) dA by sorted row; overwritten with w * silu(g) * u
-    act_shared_ptr,  # (T, S) dA; overwritten with silu(g) * u
+    d_act_routed_ptr,  # (T*K, I) dA by sorted row
+    d_act_shared_ptr,  # (T, S) dA of the shared MLP
     topk_weights_ptr,  # (T*K,) fp32: routing weight of each slot
     d_topk_ptr,  # (T*K,) fp32 out: gradient of each slot's routing weight
     sorted_slot_ptr,  # (T*K,) int32: slot of each sorted row
@@ -69,7 +71,9 @@ def _swiglu_bwd_kernel(
 
     The SwiGLU backward after the dY W_down GEMM, elementwise: a program owns BLOCK_M whole rows
     (sorted routed rows, then the shared MLP's tokens), so each routing weight's gradient is one
-    row sum written once, in a fixed order."""
+    row sum written once, in a fixed order. The SwiGLU output the down weights' gradients need is
+    the forward's, kept (PreActivations.h_routed / h_shared), not recomputed here: one write of
+    (T*K, I) fewer, a sixth of this pass's bytes."""
     pid = tl.program_id(0)
     num_routed = tl.cdiv(num_rows, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
@@ -79,7 +83,7 @@ def _swiglu_bwd_kernel(
         slots = tl.load(sorted_slot_ptr + rows, mask=row_mask, other=0)
         scale = tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0)
         d_scale = _swiglu_bwd_rows(
-            pre_routed_ptr, act_routed_ptr, rows.to(tl.int64), row_mask, scale, I, stride_pr, stride_ar,
+            pre_routed_ptr, d_act_routed_ptr, rows.to(tl.int64), row_mask, scale, I, stride_pr, stride_ar,
             BLOCK_M, BLOCK_N,
         )  # fmt: skip
         tl.store(d_topk_ptr + slots, d_scale, mask=row_mask)
@@ -87,7 +91,7 @@ def _swiglu_bwd_kernel(
         tokens = (pid - num_routed) * BLOCK_M + offs_m
         token_mask = tokens < T
         _swiglu_bwd_rows(
-            pre_shared_ptr, act_shared_ptr, tokens.to(tl.int64), token_mask, tl.full((BLOCK_M,), 1.0, tl.float32),
+            pre_shared_ptr, d_act_shared_ptr, tokens.to(tl.int64), token_mask, tl.full((BLOCK_M,), 1.0, tl.float32),
             S, stride_ps, stride_as, BLOCK_M, BLOCK_N,
         )  # fmt: skip
 

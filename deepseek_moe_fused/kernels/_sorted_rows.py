@@ -10,10 +10,12 @@ def _sorted_rows_kernel(
     src_ptr,  # (T, H) rows by token
     out_ptr,  # (T*K, H) out: row r = src's row of the token sorted row r belongs to
     slot_to_row_ptr,  # (T*K,) int32: sorted row of each slot t*K + k
+    scale_ptr,  # (T*K,) fp32: factor of each slot's row (SCALE only)
     H,
     stride_src,
     stride_out,
     TOP_K: tl.constexpr,
+    SCALE: tl.constexpr,  # each written row times its slot's factor, in fp32, rounded once
     BLOCK_H: tl.constexpr,
 ):
     """Grid: (T, cdiv(H, BLOCK_H)); one program owns BLOCK_H columns of one token and writes them
@@ -29,4 +31,7 @@ def _sorted_rows_kernel(
     row = tl.load(src_ptr + token.to(tl.int64) * stride_src + offs_h, mask=mask)
     for k in tl.static_range(TOP_K):
         dst = tl.load(slot_to_row_ptr + token * TOP_K + k).to(tl.int64)
-        tl.store(out_ptr + dst * stride_out + offs_h, row, mask=mask)
+        value = row
+        if SCALE:
+            value = (row.to(tl.float32) * tl.load(scale_ptr + token * TOP_K + k)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + dst * stride_out + offs_h, value, mask=mask)

@@ -88,12 +88,15 @@ class ExpertWeights:
 @dataclass(frozen=True)
 class PreActivations:
     """What the forward writes for the Triton backward: stage 1's gate and up pre-activations
-    (which the backward overwrites with their gradients), and X in sorted rows where stage 1
+    (which the backward overwrites with their gradients), its SwiGLU outputs (the down
+    projection's input, which the down weights' gradients read), and X in sorted rows where stage 1
     gathered it (the routed weight gradients reduce over those rows)."""
 
     routed: torch.Tensor  # (T*K, 2I): [x W_gate^T | x W_up^T] of each expert-sorted row
     shared: torch.Tensor | None  # (T, 2S) the same for the shared MLP; None without one
     x_sorted: torch.Tensor | None = None  # (T*K, H) X's row of each sorted row; None: the backward gathers
+    h_routed: torch.Tensor | None = None  # (T*K, I) silu(g) * u of each sorted row; None: not kept
+    h_shared: torch.Tensor | None = None  # (T, S) the same for the shared MLP
 
 
 def new_preactivations(
@@ -101,24 +104,32 @@ def new_preactivations(
 ) -> PreActivations:
     """Buffers for stage 1 to fill; `tiles` (default: `tiles_for`'s) decide whether X in sorted rows is one."""
     T, H = x.shape
-    shared = new_output(x, (T, 2 * weights.shared_dim)) if weights.has_shared else None
-    routed = new_output(x, (metadata.num_rows, 2 * weights.intermediate_dim))
+    I, S = weights.intermediate_dim, weights.shared_dim
+    shared = new_output(x, (T, 2 * S)) if weights.has_shared else None
+    routed = new_output(x, (metadata.num_rows, 2 * I))
     tiles = tiles or tiles_for(T, weights, metadata.top_k)
     x_sorted = new_output(x, (metadata.num_rows, H)) if tiles.gate_up_ws is not None else None
-    return PreActivations(routed, shared, x_sorted)
+    h_shared = new_output(x, (T, S)) if weights.has_shared else None
+    return PreActivations(routed, shared, x_sorted, new_output(x, (metadata.num_rows, I)), h_shared)
 
 
-def gather_sorted_rows(src: torch.Tensor, metadata: RoutingMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(T*K, H): row r is src's row of the token sorted row r belongs to (one token-major launch,
-    `_sorted_rows.py`)."""
+def gather_sorted_rows(
+    src: torch.Tensor,
+    metadata: RoutingMetadata,
+    out: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,  # (T*K,) fp32 by slot: each sorted row times its slot's factor
+) -> torch.Tensor:
+    """(T*K, H): row r is src's row of the token sorted row r belongs to [times that slot's
+    `scale`, rounded once] (one token-major launch, `_sorted_rows.py`)."""
     T, H = src.shape
     out = new_output(src, (metadata.num_rows, H)) if out is None else out
     if T == 0:
         return out
     block_h = _tiles.sorted_rows_block_h(H)
     _sorted_rows_kernel[(T, triton.cdiv(H, block_h))](
-        src, out, metadata.slot_to_row, H, src.stride(0), out.stride(0), TOP_K=metadata.top_k, BLOCK_H=block_h
-    )
+        src, out, metadata.slot_to_row, scale if scale is not None else metadata.slot_to_row,
+        H, src.stride(0), out.stride(0), TOP_K=metadata.top_k, SCALE=scale is not None, BLOCK_H=block_h,
+    )  # fmt: skip
     return out
 
 
@@ -216,16 +227,17 @@ def gate_up_swiglu(
     h = silu(x @ gate^T) * (x @ up^T). With both `routed` and `shared` (the default) it is one
     launch; the flags let a benchmark time the unfused ablation with the same kernel. A part that
     is not computed (flag off, or no shared expert) is returned as None, never as a stale buffer.
-    With `preacts`, the computed parts' pre-activations are written there too.
+    With `preacts`, the computed parts' pre-activations are written there too, and h goes to its
+    buffers there (kept for the backward).
     """
     T, H = x.shape
     I, S = weights.intermediate_dim, weights.shared_dim
     shared = shared and weights.has_shared
-    h_routed = new_output(x, (metadata.num_rows, I)) if routed else None
-    h_shared = new_output(x, (T, S)) if shared else None
+    save = preacts is not None
+    h_routed = (preacts.h_routed if save else new_output(x, (metadata.num_rows, I))) if routed else None
+    h_shared = (preacts.h_shared if save else new_output(x, (T, S))) if shared else None
     expert_tiles = _checked_tiles(T, weights, metadata, tiles)
     gate, up = weights.gate_up_proj[:, :I], weights.gate_up_proj[:, I:]
-    save = preacts is not None
     # A buffer for X in sorted rows is filled whichever kernel runs: the backward reads it.
     x_sorted = preacts.x_sorted if save else None
     if routed and (x_sorted is not None or expert_tiles.gate_up_ws is not None):

@@ -1,14 +1,17 @@
 """Launchers of the Triton backward (kernels/_backward.py): routed and shared experts together.
 
-Saved from the forward: X, the routing weights, the routing metadata, the weights, and stage 1's
-gate/up pre-activations (`PreActivations`: (T*K, 2I) + (T, 2S) in X's dtype), written by the
-forward kernel beside its output. Saving them instead of recomputing them skips one gate/up GEMM
-(a quarter of the backward's GEMM work); the backward overwrites them with dG/dU, so they cost no
-second buffer. Transient in the backward: dA = dY W_down (T*K, I) + (T, S), overwritten by the
-SwiGLU outputs that the down weight's gradient needs, and the per-slot dX (T, K, H) + (T, H), all
-in X's dtype; then, in the memory dX's slots held, X and dY copied into sorted row order for the
-weight gradients (T*K, H). Each buffer is released after its last read, the saved
-pre-activations included, so the gradients allocated last do not add to them. Launches: dY W_down
+Saved from the forward: X, the routing weights, the routing metadata, the weights, stage 1's
+gate/up pre-activations and its SwiGLU outputs h (`PreActivations`: (T*K, 2I) + (T, 2S) and (T*K,
+I) + (T, S) in X's dtype), written by the forward kernel beside and as its output. Saving the
+pre-activations instead of recomputing them skips one gate/up GEMM (a quarter of the backward's
+GEMM work); the backward overwrites them with dG/dU, so they cost no second buffer. Keeping h (the
+down projection's input, which the forward frees otherwise) spares the SwiGLU backward writing it
+again for the down weights' gradients: a sixth of that pass's bytes, for (T*K, I) + (T, S) held
+from the forward to the backward. Transient in the backward: dA = dY W_down (T*K, I) + (T, S),
+freed after the SwiGLU backward reads it, and the per-slot dX (T, K, H) + (T, H), all in X's
+dtype; then, in the memory dX's slots held, X and dY (times each row's routing weight) copied into
+sorted row order for the weight gradients (T*K, H). Each buffer is released after its last read, the
+saved ones included, so the gradients allocated last do not add to them. Launches: dY W_down
 (routed + shared), the SwiGLU backward (elementwise), dX (routed + shared) and its combine, two
 sorted-row copies (one where the forward's stage 1 copied X and saved it:
 `PreActivations.x_sorted`) and two grouped weight-gradient GEMMs (their sorted rows read as TMA
@@ -68,8 +71,7 @@ def _weight_grad(
 
 
 def _down_grad_stage(dy, weights: ExpertWeights, metadata, tiles: _tiles.TileConfig):
-    """dA = dY W_down for each sorted row (dY read by token) and for the shared MLP: one launch.
-    The buffers become the SwiGLU outputs in the next stage."""
+    """dA = dY W_down for each sorted row (dY read by token) and for the shared MLP: one launch."""
     T = dy.shape[0]
     d_act_routed = new_output(dy, (metadata.num_rows, weights.intermediate_dim))
     d_act_shared = new_output(dy, (T, weights.shared_dim)) if weights.has_shared else None
@@ -84,8 +86,8 @@ def _down_grad_stage(dy, weights: ExpertWeights, metadata, tiles: _tiles.TileCon
 def _swiglu_backward_stage(
     d_act_routed, d_act_shared, flat_weights, metadata, preacts: PreActivations, tiles: _tiles.ElementwiseTiles
 ):
-    """In place: `preacts` become [dG | dU], the dA buffers the SwiGLU outputs (routed ones times
-    their routing weight). Returns d(routing weight) (T*K,) fp32 by slot."""
+    """In place: `preacts`' pre-activations become [dG | dU]; the dA buffers are only read.
+    Returns d(routing weight) (T*K,) fp32 by slot."""
     shared = preacts.shared is not None
     T = preacts.shared.shape[0] if shared else 0
     d_topk = new_output(flat_weights, (metadata.num_rows,))  # each slot written once
@@ -94,11 +96,11 @@ def _swiglu_backward_stage(
         return d_topk
     # Pointer arguments of an absent shared MLP get tensors that exist; SHARED keeps them unread.
     pre_shared = preacts.shared if shared else preacts.routed
-    act_shared = d_act_shared if shared else d_act_routed
+    d_act_shared = d_act_shared if shared else d_act_routed
     _swiglu_bwd_kernel[(grid,)](
-        preacts.routed, pre_shared, d_act_routed, act_shared, flat_weights, d_topk, metadata.sorted_slot,
-        T, metadata.num_rows, d_act_routed.shape[1], act_shared.shape[1],
-        preacts.routed.stride(0), pre_shared.stride(0), d_act_routed.stride(0), act_shared.stride(0),
+        preacts.routed, pre_shared, d_act_routed, d_act_shared, flat_weights, d_topk, metadata.sorted_slot,
+        T, metadata.num_rows, d_act_routed.shape[1], d_act_shared.shape[1],
+        preacts.routed.stride(0), pre_shared.stride(0), d_act_routed.stride(0), d_act_shared.stride(0),
         SHARED=shared, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
     )  # fmt: skip
     return d_topk
@@ -142,7 +144,8 @@ def _weight_grad_stage(
     x,
     dy,
     dgu,
-    act_routed,
+    h_routed,
+    flat_weights,
     weights: ExpertWeights,
     metadata,
     tiles: _tiles.TileConfig,
@@ -151,10 +154,11 @@ def _weight_grad_stage(
     ws: _tiles.WeightGradWsTiles | None = None,
     x_sorted: torch.Tensor | None = None,
 ):
-    """d gate_up[e] = dGU_e^T X_e; d down[e] = dY_e^T (w act)_e. `consume`: release dGU's memory
-    once read, before d down is allocated (the layer's backward owns it; timing tools reuse it).
-    `ws`: on the warp-specialized kernel with this ring where the layouts allow
-    (launch_weight_grad_ws.py).
+    """d gate_up[e] = dGU_e^T X_e; d down[e] = (w dY)_e^T h_e, h the forward's SwiGLU outputs and
+    w each row's routing weight (put on dY's rows as they are copied, so h is read as the forward
+    wrote it). `consume`: release dGU's memory once read, before d down is allocated (the layer's
+    backward owns it; timing tools reuse it). `ws`: on the warp-specialized kernel with this ring
+    where the layouts allow (launch_weight_grad_ws.py).
 
     X and dY are copied into expert-sorted row order first (one buffer of (T*K, H), X's rows
     then dY's, by `gather_sorted_rows`), so the grouped GEMMs read contiguous rows: on the H100
@@ -168,8 +172,8 @@ def _weight_grad_stage(
         _release(dgu)
     d_down = new_output(weights.down_proj, weights.down_proj.shape)  # after the release: not beside dGU
     # Same buffer: the stream runs the GEMM above before this overwrites its operand.
-    gather_sorted_rows(dy, metadata, out=sorted_rows)
-    _weight_grad(sorted_rows, act_routed, d_down, metadata.expert_offsets, tiles, tma, ws)
+    gather_sorted_rows(dy, metadata, out=sorted_rows, scale=flat_weights)
+    _weight_grad(sorted_rows, h_routed, d_down, metadata.expert_offsets, tiles, tma, ws)
     return d_gate_up, d_down
 
 
@@ -208,21 +212,23 @@ def moe_experts_backward(
             metadata.block_m, H, inner, interpreter_active(), x.element_size(), rows_per_expert,
             _tma.tma_enabled(x.device), ws_enabled(x.device, x.dtype), rows_ws_enabled(x.device, x.dtype),
         )  # fmt: skip
-    act_routed, act_shared = _down_grad_stage(dy, weights, metadata, tiles.down_grad)
-    d_topk = _swiglu_backward_stage(act_routed, act_shared, flat_weights, metadata, preacts, tiles.swiglu)
+    d_act_routed, d_act_shared = _down_grad_stage(dy, weights, metadata, tiles.down_grad)
+    d_topk = _swiglu_backward_stage(d_act_routed, d_act_shared, flat_weights, metadata, preacts, tiles.swiglu)
+    del d_act_routed, d_act_shared  # read once: the down weights' gradients take the forward's h
     dx_slot, dx_shared = _dx_stage(T, preacts, weights, metadata, tiles.dx, tiles.dx_ws)
     dx = combine(dx_slot, dx_shared)  # the K slots, then the shared MLP, in a fixed order
     # Freed before the weight gradients: their sorted-row buffer, (T*K, H) like dx_slot, reuses it.
     del dx_slot, dx_shared
     shared_grads = (None, None, None)
     if weights.has_shared:
-        shared_grads = _shared_weight_grads(x, dy, preacts.shared, act_shared)
+        shared_grads = _shared_weight_grads(x, dy, preacts.shared, preacts.h_shared)
         _release(preacts.shared)
-    del act_shared
+        _release(preacts.h_shared)
     d_gate_up, d_down = _weight_grad_stage(
-        x, dy, preacts.routed, act_routed, weights, metadata, tiles.weight_grad, tiles.weight_grad_tma,
-        consume=True, ws=tiles.weight_grad_ws, x_sorted=preacts.x_sorted,
+        x, dy, preacts.routed, preacts.h_routed, flat_weights, weights, metadata, tiles.weight_grad,
+        tiles.weight_grad_tma, consume=True, ws=tiles.weight_grad_ws, x_sorted=preacts.x_sorted,
     )  # fmt: skip
+    _release(preacts.h_routed)
     if preacts.x_sorted is not None:
         _release(preacts.x_sorted)
     return (dx, d_topk.view(topk_weights.shape).to(topk_weights.dtype), d_gate_up, d_down, *shared_grads)
