@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import torch
 from torch import nn
@@ -41,6 +42,14 @@ def backward_selected(name: str):
     return env_set(BACKWARD_ENV, name)
 
 
+# Every PreActivations field goes through save_for_backward, in field order (None where absent).
+_PREACT_FIELDS = tuple(f.name for f in fields(PreActivations))
+
+
+def _preact_tensors(preacts: PreActivations) -> tuple[torch.Tensor | None, ...]:
+    return tuple(getattr(preacts, name) for name in _PREACT_FIELDS)
+
+
 class FusedMoEExpertsFunction(torch.autograd.Function):
     """Autograd boundary around the three expert kernels; the router stays in plain autograd, so
     the gradient reaches the router weight through `topk_weights`."""
@@ -63,9 +72,7 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
         # for intermediates; tensors go through save_for_backward.
         ctx.routing = metadata  # (ctx.metadata is taken: autograd keeps anomaly data there)
         ctx.preacts_consumed = False
-        saved_preacts = (None,) * 5
-        if save:
-            saved_preacts = (preacts.routed, preacts.shared, preacts.x_sorted, preacts.h_routed, preacts.h_shared)
+        saved_preacts = _preact_tensors(preacts) if save else (None,) * len(_PREACT_FIELDS)
         ctx.save_for_backward(
             x, topk_weights, gate_up_proj, down_proj, shared_gate, shared_up, shared_down, *saved_preacts
         )
@@ -73,7 +80,8 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, topk_weights, *weight_tensors, pre_routed, pre_shared, x_sorted, h_routed, h_shared = ctx.saved_tensors
+        num_preacts = len(_PREACT_FIELDS)
+        x, topk_weights, *weight_tensors = ctx.saved_tensors[:-num_preacts]
         weights, metadata = ExpertWeights(*weight_tensors), ctx.routing
         if ctx.backward == "triton":
             if ctx.preacts_consumed:  # the first backward overwrote them with their gradients
@@ -82,7 +90,7 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
                     f"and a second backward need {BACKWARD_ENV}=torch)"
                 )
             ctx.preacts_consumed = True
-            preacts = PreActivations(pre_routed, pre_shared, x_sorted, h_routed, h_shared)
+            preacts = PreActivations(*ctx.saved_tensors[-num_preacts:])
             grads = moe_experts_backward(grad_out, x, topk_weights, weights, metadata, preacts)
         else:
             grads = experts_backward(grad_out, x, topk_weights, metadata.sorted_slot, metadata.expert_offsets, weights)

@@ -95,7 +95,7 @@ class PreActivations:
     routed: torch.Tensor  # (T*K, 2I): [x W_gate^T | x W_up^T] of each expert-sorted row
     shared: torch.Tensor | None  # (T, 2S) the same for the shared MLP; None without one
     x_sorted: torch.Tensor | None = None  # (T*K, H) X's row of each sorted row; None: the backward gathers
-    h_routed: torch.Tensor | None = None  # (T*K, I) silu(g) * u of each sorted row; None: not kept
+    h_routed: torch.Tensor | None = None  # (T*K, I) silu(g) * u of each sorted row; None: no backward reads it
     h_shared: torch.Tensor | None = None  # (T, S) the same for the shared MLP
 
 
