@@ -117,6 +117,7 @@ def test_gradients_match_float64_autograd(device, backward, config, T, seed):
 
 
 @given(config=moe_configs(), data=st.data(), seed=seeds)
+@compile_bound(gpu_examples=20)
 def test_layer_equals_transformers_block(device, config, data, seed):
     """Load transformers' DeepseekV3MoE / DeepseekV2Moe state_dict as is, compare outputs."""
     from hf_reference import hf_moe_block
