@@ -85,9 +85,14 @@ def _num_bins(num_experts: int) -> int:
     return triton.next_power_of_2(num_experts + 1)  # + the past-the-end bin
 
 
+def _all_slots_block(num_rows: int) -> int:
+    """Slots one program loads to count them all (a power of two, at least tl.histogram's 16)."""
+    return max(16, triton.next_power_of_2(num_rows))
+
+
 def metadata_in_one_launch(num_rows: int, num_experts: int) -> bool:
     """Whether `build_routing_metadata` places `num_rows` slots in one launch."""
-    counts = triton.next_power_of_2(max(num_rows, 1)) * _num_bins(num_experts)
+    counts = _all_slots_block(num_rows) * _num_bins(num_experts)
     single_chunk = num_rows <= CHUNK_ROWS
     return single_chunk or (num_rows <= ONE_LAUNCH_MAX_ROWS and counts <= ONE_LAUNCH_MAX_COUNTS)
 
@@ -147,7 +152,7 @@ def build_routing_metadata(
     # reshape can return a strided view (e.g. of topk_ids[:, :1]); the kernels read stride 1.
     ids = topk_ids.reshape(-1).contiguous()
     # Chunks of up to CHUNK_ROWS slots; one launch counts all slots, rounded up to BLOCK_ALL.
-    block_all = max(16, triton.next_power_of_2(num_rows))
+    block_all = _all_slots_block(num_rows)
     block_r = min(CHUNK_ROWS, block_all)
     num_chunks = triton.cdiv(num_rows, block_r)
     num_bins = _num_bins(num_experts)

@@ -1,7 +1,7 @@
 """The Triton backward (kernels/launch_backward.py) against the fp32 PyTorch backward, whose own
 gradients test_moe_layer.py checks against float64 autograd."""
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -82,7 +82,7 @@ def test_backward_reads_the_forwards_sorted_rows(device):
         moe_experts_forward(inputs.x, inputs.topk_weights, inputs.topk_ids, w, metadata, preacts=preacts)
     assert torch.equal(preacts.x_sorted, inputs.x[metadata.sorted_slot.long() // 2])
     # The backward overwrites and releases what it reads: the copying one gets clones, no X rows.
-    saved = ("routed", "shared", "h_routed", "h_shared")
+    saved = [f.name for f in fields(PreActivations) if f.name != "x_sorted"]
     copying = replace(preacts, x_sorted=None, **{f: getattr(preacts, f).clone() for f in saved})
     with poisoned_outputs():
         got = moe_experts_backward(grad_out, inputs.x, inputs.topk_weights, w, metadata, preacts)
