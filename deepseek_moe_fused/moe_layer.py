@@ -80,8 +80,9 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        saved = ctx.saved_tensors  # unpacked once: each read of the property checks every tensor again
         num_preacts = len(_PREACT_FIELDS)
-        x, topk_weights, *weight_tensors = ctx.saved_tensors[:-num_preacts]
+        x, topk_weights, *weight_tensors = saved[:-num_preacts]
         weights, metadata = ExpertWeights(*weight_tensors), ctx.routing
         if ctx.backward == "triton":
             if ctx.preacts_consumed:  # the first backward overwrote them with their gradients
@@ -90,7 +91,7 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
                     f"and a second backward need {BACKWARD_ENV}=torch)"
                 )
             ctx.preacts_consumed = True
-            preacts = PreActivations(*ctx.saved_tensors[-num_preacts:])
+            preacts = PreActivations(*saved[-num_preacts:])
             grads = moe_experts_backward(grad_out, x, topk_weights, weights, metadata, preacts)
         else:
             grads = experts_backward(grad_out, x, topk_weights, metadata.sorted_slot, metadata.expert_offsets, weights)

@@ -95,7 +95,7 @@ class PreActivations:
     routed: torch.Tensor  # (T*K, 2I): [x W_gate^T | x W_up^T] of each expert-sorted row
     shared: torch.Tensor | None  # (T, 2S) the same for the shared MLP; None without one
     x_sorted: torch.Tensor | None = None  # (T*K, H) X's row of each sorted row; None: the backward gathers
-    h_routed: torch.Tensor | None = None  # (T*K, I) silu(g) * u of each sorted row; None: no backward reads it
+    h_routed: torch.Tensor | None = None  # (T*K, I) silu(g) * u of each sorted row; None only for a lone stage (tests)
     h_shared: torch.Tensor | None = None  # (T, S) the same for the shared MLP
 
 
@@ -109,8 +109,9 @@ def new_preactivations(
     routed = new_output(x, (metadata.num_rows, 2 * I))
     tiles = tiles or tiles_for(T, weights, metadata.top_k)
     x_sorted = new_output(x, (metadata.num_rows, H)) if tiles.gate_up_ws is not None else None
+    h_routed = new_output(x, (metadata.num_rows, I))
     h_shared = new_output(x, (T, S)) if weights.has_shared else None
-    return PreActivations(routed, shared, x_sorted, new_output(x, (metadata.num_rows, I)), h_shared)
+    return PreActivations(routed, shared, x_sorted, h_routed, h_shared)
 
 
 def gather_sorted_rows(
