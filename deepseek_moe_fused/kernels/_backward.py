@@ -61,8 +61,8 @@ def _swiglu_bwd_kernel(
     S,
     stride_pr,
     stride_ps,
-    stride_ar,
-    stride_as,
+    stride_dar,
+    stride_das,
     SHARED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -83,7 +83,7 @@ def _swiglu_bwd_kernel(
         slots = tl.load(sorted_slot_ptr + rows, mask=row_mask, other=0)
         scale = tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0)
         d_scale = _swiglu_bwd_rows(
-            pre_routed_ptr, d_act_routed_ptr, rows.to(tl.int64), row_mask, scale, I, stride_pr, stride_ar,
+            pre_routed_ptr, d_act_routed_ptr, rows.to(tl.int64), row_mask, scale, I, stride_pr, stride_dar,
             BLOCK_M, BLOCK_N,
         )  # fmt: skip
         tl.store(d_topk_ptr + slots, d_scale, mask=row_mask)
@@ -92,7 +92,7 @@ def _swiglu_bwd_kernel(
         token_mask = tokens < T
         _swiglu_bwd_rows(
             pre_shared_ptr, d_act_shared_ptr, tokens.to(tl.int64), token_mask, tl.full((BLOCK_M,), 1.0, tl.float32),
-            S, stride_ps, stride_as, BLOCK_M, BLOCK_N,
+            S, stride_ps, stride_das, BLOCK_M, BLOCK_N,
         )  # fmt: skip
 
 
