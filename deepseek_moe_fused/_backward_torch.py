@@ -1,4 +1,4 @@
-"""Backward of the fused expert forward in PyTorch (fp32 math, one expert at a time).
+"""Backward of the fused expert forward in PyTorch (fp32 math, float64 for the tests; one expert at a time).
 
 Recomputes gate/up/SwiGLU from the saved X instead of saving the (T*K, 2I) pre-activations: the
 forward never materialises them, and recompute costs one extra gate/up GEMM. Deterministic:
@@ -21,7 +21,7 @@ def swiglu_backward(g: torch.Tensor, u: torch.Tensor, d_act: torch.Tensor) -> tu
 
 
 def _mlp_backward(x, w_gate, w_up, w_down, grad_y, row_weight):
-    """One MLP's gradients for rows x (n, H) and output gradient grad_y (n, H), all fp32.
+    """One MLP's gradients for rows x (n, H) and output gradient grad_y (n, H), all in one float dtype.
 
     Returns (dx, d_gate, d_up, d_down, d_row_weight) where the MLP's output was row_weight * y."""
     g, u = x @ w_gate.T, x @ w_up.T
@@ -39,18 +39,19 @@ def experts_backward(
     sorted_slot: torch.Tensor,  # (T*K,) int32 from the forward's routing metadata
     expert_offsets: torch.Tensor,  # (E+1,) int32
     weights: ExpertWeights,
+    compute_dtype: torch.dtype = torch.float32,  # float64: the tests' oracle
 ) -> tuple[torch.Tensor, ...]:
-    """Gradients of (x, topk_weights, gate_up_proj, down_proj, shared_gate, shared_up, shared_down)."""
+    """Gradients of (x, topk_weights, gate_up_proj, down_proj, shared_gate, shared_up, shared_down),
+    computed in `compute_dtype`, returned in the dtypes of the tensors they belong to."""
     T, K = topk_weights.shape
     I = weights.intermediate_dim
-    f32 = torch.float32
-    grad = grad_out.to(f32)
-    xf = x.to(f32)
-    flat_weights = topk_weights.reshape(-1).to(f32)
-    dx_slot = torch.zeros(T * K, x.shape[1], dtype=f32, device=x.device)
-    d_topk = torch.zeros(T * K, dtype=f32, device=x.device)
-    d_gate_up = torch.zeros_like(weights.gate_up_proj, dtype=f32)
-    d_down = torch.zeros_like(weights.down_proj, dtype=f32)
+    grad = grad_out.to(compute_dtype)
+    xf = x.to(compute_dtype)
+    flat_weights = topk_weights.reshape(-1).to(compute_dtype)
+    dx_slot = torch.zeros(T * K, x.shape[1], dtype=compute_dtype, device=x.device)
+    d_topk = torch.zeros(T * K, dtype=compute_dtype, device=x.device)
+    d_gate_up = torch.zeros_like(weights.gate_up_proj, dtype=compute_dtype)
+    d_down = torch.zeros_like(weights.down_proj, dtype=compute_dtype)
     slots = sorted_slot.long()
     offsets = expert_offsets.tolist()  # host sync: acceptable in this reference-speed backward
     for expert in range(weights.num_experts):
@@ -59,17 +60,17 @@ def experts_backward(
             continue
         slot = slots[lo:hi]
         token = slot // K
-        w = weights.gate_up_proj[expert].to(f32)
+        w = weights.gate_up_proj[expert].to(compute_dtype)
         dx, d_gate_up[expert, :I], d_gate_up[expert, I:], d_down[expert], d_topk[slot] = _mlp_backward(
-            xf[token], w[:I], w[I:], weights.down_proj[expert].to(f32), grad[token], flat_weights[slot]
+            xf[token], w[:I], w[I:], weights.down_proj[expert].to(compute_dtype), grad[token], flat_weights[slot]
         )
         dx_slot[slot] = dx
     dx = dx_slot.view(T, K, x.shape[1]).sum(1)
     shared_grads = (None, None, None)
     if weights.has_shared:
-        ones = torch.ones(T, dtype=f32, device=x.device)
+        ones = torch.ones(T, dtype=compute_dtype, device=x.device)
         sw = (weights.shared_gate, weights.shared_up, weights.shared_down)
-        dx_shared, *shared_grads, _ = _mlp_backward(xf, *(w.to(f32) for w in sw), grad, ones)
+        dx_shared, *shared_grads, _ = _mlp_backward(xf, *(w.to(compute_dtype) for w in sw), grad, ones)
         dx += dx_shared
         shared_grads = tuple(g.to(w.dtype) for g, w in zip(shared_grads, sw))
     return (
