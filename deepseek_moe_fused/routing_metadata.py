@@ -72,13 +72,23 @@ def max_routed_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
 # The metadata is one launch where every program of the row-placing kernel can count all slots,
 # and those of the chunks before its own, itself (two histograms) in place of the histogram and
 # scan launches: up to ONE_LAUNCH_MAX_ROWS slots, and up to ONE_LAUNCH_MAX_COUNTS (slots rounded up
-# to a power of two) x bins. On the H100 (session 21) the build took 15.1-15.5 -> 8.4-10.0 us at
-# seed N = 128-1024 (16 bins) and 16.3 -> 14.2 at v2-lite N=128 (1024 x 128), but 16.3 -> 18.8 at
-# v2-lite N=256 (2048 x 128). A single chunk is always one launch.
-ONE_LAUNCH_MAX_ROWS = 2048
-ONE_LAUNCH_MAX_COUNTS = 2**17
+# to a power of two) x bins. A single chunk is always one launch. Session 21 set the bounds at 2048
+# slots and 2^17 counts for 128-slot chunks of 4 warps (v2-lite N=256, 2048 x 128, took 18.8 us
+# in one launch against 16.3 in three). With the 32-slot chunks of 8 warps below, one launch took
+# (H100, session 27, us, one / three launches) 8.5 / 15.3 at seed N=2048, 12.2 / 15.6 at N=4096
+# (8192 x 16), 9.8 / 16.6 at v2-lite N=256 and 11.5 / 16.9 at N=512 (4096 x 128), but 17.8 /
+# 16.9 at N=1024 (8192 x 128); V3 N = 128 / 256: 15.2 / 18.0 (1024 x 512) and 17.3 / 18.7.
+ONE_LAUNCH_MAX_ROWS = 8192
+ONE_LAUNCH_MAX_COUNTS = 2**19
 # Slots per chunk of the row-placing kernel (each ranks its slots by a CHUNK_ROWS^2 comparison).
 CHUNK_ROWS = 128
+# The one-launch path cuts finer, with more warps: each program counts every slot either way, so
+# more programs with a 32^2 rank each finish sooner than a few with a 128^2 one. On the H100
+# (session 27, graph replays, 128-row chunks of 4 warps -> these) the build took 8.4 -> 6.2, 8.8
+# -> 6.3 and 10.5 -> 7.2 us at seed N = 64 / 256 / 1024 and 14.3 -> 8.7 at v2-lite N=128, against
+# 5.0 for a graph of one fill kernel; 16-row chunks and fewer warps were no faster.
+ONE_LAUNCH_CHUNK_ROWS = 32
+ONE_LAUNCH_WARPS = 8
 
 
 def _num_bins(num_experts: int) -> int:
@@ -151,13 +161,14 @@ def build_routing_metadata(
         return metadata
     # reshape can return a strided view (e.g. of topk_ids[:, :1]); the kernels read stride 1.
     ids = topk_ids.reshape(-1).contiguous()
-    # Chunks of up to CHUNK_ROWS slots; one launch counts all slots, rounded up to BLOCK_ALL.
+    # Chunks of up to CHUNK_ROWS slots (ONE_LAUNCH_CHUNK_ROWS in one launch, which counts all
+    # slots, rounded up to BLOCK_ALL).
+    one_launch = metadata_in_one_launch(num_rows, num_experts)
     block_all = _all_slots_block(num_rows)
-    block_r = min(CHUNK_ROWS, block_all)
+    block_r = min(ONE_LAUNCH_CHUNK_ROWS if one_launch else CHUNK_ROWS, block_all)
     num_chunks = triton.cdiv(num_rows, block_r)
     num_bins = _num_bins(num_experts)
     block_t = 32
-    one_launch = metadata_in_one_launch(num_rows, num_experts)
     # Scratch: per-chunk counts, then each chunk's first row per expert; first tiles.
     chunk_counts = torch.empty(1 if one_launch else num_chunks * num_bins, **int32)  # 1: a real pointer
     chunk_base = torch.empty_like(chunk_counts)
@@ -177,6 +188,6 @@ def build_routing_metadata(
         metadata.sorted_slot, metadata.slot_to_row, metadata.tile_expert, metadata.tile_row_start,
         num_rows, num_experts, num_chunks, max_tiles, block_m,
         PAD_EXPERT=PAD_EXPERT, BLOCK_R=block_r, NUM_BINS=num_bins, BLOCK_T=block_t, ONE_LAUNCH=one_launch,
-        BLOCK_ALL=block_all if one_launch else block_r,
+        BLOCK_ALL=block_all if one_launch else block_r, num_warps=ONE_LAUNCH_WARPS if one_launch else 4,
     )  # fmt: skip
     return metadata

@@ -90,15 +90,17 @@ def test_chunk_scan_steps_and_programs(device, monkeypatch, T, E, K, tile_elemen
 @pytest.mark.parametrize(
     "T, E, K, block_m",
     [
-        (1024, 8, 2, 128),  # seed N=1024: ONE_LAUNCH_MAX_ROWS slots exactly, 16 chunks
-        (129, 8, 2, 32),  # 258 slots: 3 chunks, the last of 2 slots
-        (32, 256, 8, 16),  # V3-wide: NUM_BINS 512, 256 slots in 2 chunks
-        (170, 64, 6, 64),  # v2-lite: 1020 slots, 8 chunks
+        (1024, 8, 2, 128),  # seed N=1024: 2048 slots, 64 chunks
+        (4096, 8, 2, 128),  # seed N=4096: ONE_LAUNCH_MAX_ROWS slots, 256 chunks
+        (680, 64, 6, 64),  # v2-lite: 4080 slots (4096 x 128 counts), the last chunk of 16
+        (129, 8, 2, 32),  # 258 slots: 9 chunks, the last of 2 slots
+        (32, 256, 8, 16),  # V3-wide: NUM_BINS 512, 256 slots in 8 chunks
+        (170, 64, 6, 64),  # v2-lite: 1020 slots, 32 chunks, the last of 28
     ],
 )
 def test_metadata_in_one_launch_over_several_chunks(device, monkeypatch, T, E, K, block_m):
-    """Up to ONE_LAUNCH_MAX_ROWS slots each program places its chunk from counts of its own: the
-    histogram and scan kernels must not run, and the result is the twin's."""
+    """Up to ONE_LAUNCH_MAX_ROWS slots each program places its chunk (ONE_LAUNCH_CHUNK_ROWS slots)
+    from counts of its own: the histogram and scan kernels must not run, and the result is the twin's."""
     monkeypatch.setattr(routing_metadata, "_chunk_histogram_kernel", None)  # a launch would raise
     monkeypatch.setattr(routing_metadata, "_chunk_scan_kernel", None)
     _, ids = make_routing("uniform", T, E, K, seed=T, device=device)
@@ -110,12 +112,14 @@ def test_metadata_in_one_launch_over_several_chunks(device, monkeypatch, T, E, K
 @pytest.mark.parametrize(
     "num_rows, num_experts, one_launch",
     [
-        (2048, 8, True),  # seed N=1024
-        (4096, 8, False),  # seed N=2048: past ONE_LAUNCH_MAX_ROWS
-        (768, 64, True),  # v2-lite N=128: 1024 x 128 counts
-        (1536, 64, False),  # v2-lite N=256: 2048 x 128, measured slower in one launch
-        (256, 256, True),  # V3 N=32: 256 x 512
-        (512, 256, False),  # V3 N=64
+        (8192, 8, True),  # seed N=4096: ONE_LAUNCH_MAX_ROWS slots exactly
+        (8194, 8, False),  # seed N=4097: past ONE_LAUNCH_MAX_ROWS
+        (4092, 64, True),  # v2-lite N=682: 4096 x 128 counts
+        (4098, 64, False),  # v2-lite N=683: 8192 x 128, measured slower in one launch (N=1024)
+        (1024, 256, True),  # V3 N=128: 1024 x 512
+        (2048, 256, False),  # V3 N=256: 2048 x 512
+        (512, 1023, True),  # 512 x 1024 counts
+        (1024, 1023, False),  # 1024 x 1024 counts
         (128, 4095, True),  # a single chunk is always one launch
     ],
 )

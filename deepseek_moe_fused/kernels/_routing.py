@@ -1,5 +1,5 @@
 """Routing metadata in three small launches (a stable counting sort by expert plus the tile map),
-or one where all slots fit one chunk (decode).
+or in one where every program can count all the slots itself (`routing_metadata.metadata_in_one_launch`).
 
 It replaces ~16 torch ops (sort, scatter_add, cumsums, searchsorted) that cost more than the
 expert GEMMs themselves in decode. The slots are cut into chunks of BLOCK_R; a slot's sorted row is
