@@ -84,9 +84,9 @@ ONE_LAUNCH_MAX_COUNTS = 2**19
 CHUNK_ROWS = 128
 # The one-launch path cuts finer, with more warps: each program counts every slot either way, so
 # more programs with a 32^2 rank each finish sooner than a few with a 128^2 one. On the H100
-# (session 27, graph replays, 128-row chunks of 4 warps -> these) the build took 8.4 -> 6.2, 8.8
+# (session 27, graph replays, 128-slot chunks of 4 warps -> these) the build took 8.4 -> 6.2, 8.8
 # -> 6.3 and 10.5 -> 7.2 us at seed N = 64 / 256 / 1024 and 14.3 -> 8.7 at v2-lite N=128, against
-# 5.0 for a graph of one fill kernel; 16-row chunks and fewer warps were no faster.
+# 5.0 for a graph of one fill kernel; 16-slot chunks and fewer warps were no faster.
 ONE_LAUNCH_CHUNK_ROWS = 32
 ONE_LAUNCH_WARPS = 8
 
@@ -164,8 +164,9 @@ def build_routing_metadata(
     # Chunks of up to CHUNK_ROWS slots (ONE_LAUNCH_CHUNK_ROWS in one launch, which counts all
     # slots, rounded up to BLOCK_ALL).
     one_launch = metadata_in_one_launch(num_rows, num_experts)
+    chunk_rows, scatter_warps = (ONE_LAUNCH_CHUNK_ROWS, ONE_LAUNCH_WARPS) if one_launch else (CHUNK_ROWS, 4)
     block_all = _all_slots_block(num_rows)
-    block_r = min(ONE_LAUNCH_CHUNK_ROWS if one_launch else CHUNK_ROWS, block_all)
+    block_r = min(chunk_rows, block_all)
     num_chunks = triton.cdiv(num_rows, block_r)
     num_bins = _num_bins(num_experts)
     block_t = 32
@@ -188,6 +189,6 @@ def build_routing_metadata(
         metadata.sorted_slot, metadata.slot_to_row, metadata.tile_expert, metadata.tile_row_start,
         num_rows, num_experts, num_chunks, max_tiles, block_m,
         PAD_EXPERT=PAD_EXPERT, BLOCK_R=block_r, NUM_BINS=num_bins, BLOCK_T=block_t, ONE_LAUNCH=one_launch,
-        BLOCK_ALL=block_all if one_launch else block_r, num_warps=ONE_LAUNCH_WARPS if one_launch else 4,
+        BLOCK_ALL=block_all if one_launch else block_r, num_warps=scatter_warps,
     )  # fmt: skip
     return metadata

@@ -219,6 +219,21 @@ def problems(draw):
 F32 = torch.float32
 
 
+# H=1000, I=1: each token's g ~1 is a sum of terms of ~20, finer than an fp32 reference resolves.
+_ONE_WIDE_EXPERT = MoEConfig(
+    hidden_dim=1000,
+    intermediate_dim=1,
+    num_experts=1,
+    top_k=1,
+    scoring_func="sigmoid",
+    topk_method="noaux_tc",
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=False,
+    dtype=F32,
+)
+
+
 @given(problem=problems())
 @compile_bound(gpu_examples=30)
 @example(
@@ -234,14 +249,10 @@ F32 = torch.float32
                        routed_scaling_factor=16.0, dtype=torch.float16), 2, "one_expert", 23099),
 ).via("found by fuzzing: H=1, each token's dX a sum of ~300 terms that cancel to 1/40 of their size")  # fmt: skip
 @example(
-    problem=(MoEConfig(hidden_dim=1000, intermediate_dim=1, num_experts=1, top_k=1, scoring_func="sigmoid",
-                       topk_method="noaux_tc", n_group=1, topk_group=1, norm_topk_prob=False, dtype=F32),
-             1, "uniform", 0),
+    problem=(_ONE_WIDE_EXPERT, 1, "uniform", 0),
 ).via("found by fuzzing on the GPU: g ~1 summed from terms of ~20, past an fp32 reference's own error")  # fmt: skip
 @example(
-    problem=(MoEConfig(hidden_dim=1000, intermediate_dim=1, num_experts=1, top_k=1, scoring_func="sigmoid",
-                       topk_method="noaux_tc", n_group=1, topk_group=1, norm_topk_prob=False, dtype=F32),
-             1, "uniform", 31),
+    problem=(_ONE_WIDE_EXPERT, 1, "uniform", 31),
 ).via("the same shape's draw that failed the fp32 reference on the CPU")  # fmt: skip
 def test_triton_backward_matches_pytorch(device, problem):
     config, T, kind, seed = problem

@@ -103,7 +103,7 @@ def _scatter_rows_kernel(
     """Grid: (max(num_chunks, cdiv(max_tiles, BLOCK_T)),). Program p places the slots of chunk p
     (if it exists) and writes tiles [p*BLOCK_T, (p+1)*BLOCK_T) of the tile map (if they exist).
 
-    ONE_LAUNCH (all slots fit BLOCK_ALL, a few chunks at most): each program counts every slot
+    ONE_LAUNCH (all slots fit BLOCK_ALL, up to a few hundred chunks): each program counts every slot
     itself, and the slots of the chunks before its own, so this is the only launch: no histogram
     or scan launch before it.
     """
